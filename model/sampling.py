@@ -1,0 +1,180 @@
+"""Samplers for the flow-matching generators, following the spec's time convention.
+
+Time runs from t = 1 (noise) to t = 0 (data); the linear path is x_t = (1 - t) x_0 + t eps and
+the model predicts v = eps - x_0. The state is kept in float64 as in the reference samplers;
+the model sees its own dtype.
+
+Classifier-free guidance runs the conditional and null inputs as one batch of 2B, and only
+while t_cur is inside the guidance interval; outside it the null branch is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+SAMPLERS = ("euler", "heun", "euler-maruyama")
+PATHS = ("linear", "cosine")
+
+
+def path_coefficients(t: torch.Tensor, path: str):
+    """alpha_t, d alpha/dt, sigma_t, d sigma/dt for x_t = alpha_t x_0 + sigma_t eps."""
+    if path == "linear":
+        return 1 - t, -torch.ones_like(t), t, torch.ones_like(t)
+    if path == "cosine":
+        h = math.pi / 2
+        return torch.cos(h * t), -h * torch.sin(h * t), torch.sin(h * t), h * torch.cos(h * t)
+    raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
+
+
+def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, path: str) -> torch.Tensor:
+    """Score of p_t from the velocity; for the linear path (-(1 - t) v - x) / t."""
+    t = t.reshape(-1, *([1] * (x.ndim - 1)))
+    alpha, d_alpha, sigma, d_sigma = path_coefficients(t, path)
+    ratio = alpha / d_alpha
+    var = sigma**2 - ratio * d_sigma * sigma
+    return (ratio * v - x) / var
+
+
+def _randn_like(x: torch.Tensor, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+    """Noise for each sample from its own generator, so a sample's randomness does not depend
+    on its batch. Generators may live on the CPU; the noise is moved to x's device."""
+    if generators is None:
+        return torch.randn_like(x)
+    if len(generators) != x.shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {x.shape[0]}")
+    draws = [
+        torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=g.device) for g in generators
+    ]
+    return torch.stack(draws).to(x.device)
+
+
+class GuidedVelocity:
+    """The velocity (or SDE drift) with guidance applied per sample.
+
+    ``cfg_scale`` may be a float or a (B,) tensor so requests with different scales can share
+    a batch; samples whose scale is <= 1 never run the null branch.
+    """
+
+    def __init__(self, model, labels: torch.Tensor, cfg_scale, interval: tuple[float, float]):
+        self.model = model
+        self.labels = labels
+        B = labels.shape[0]
+        scale = torch.as_tensor(cfg_scale, dtype=torch.float64, device=labels.device)
+        self.scale = scale.expand(B) if scale.ndim == 0 else scale
+        if self.scale.shape != (B,):
+            raise ValueError(f"cfg_scale must be a float or have shape ({B},)")
+        self.guided = self.scale > 1.0  # (B,) which samples use guidance at all
+        self.any_guided = bool(self.guided.any())
+        self.lo, self.hi = interval
+        self.null = torch.full_like(labels, model.num_classes)
+
+    def use_guidance(self, t_cur: float) -> bool:
+        return self.any_guided and self.lo <= t_cur <= self.hi
+
+    def __call__(self, x: torch.Tensor, t_model: float, t_guide: float, transform=None):
+        """x (B, ...) float64 -> guided output (B, ...) float64.
+
+        ``t_model`` is the time fed to the model; ``t_guide`` decides whether guidance is on
+        (the reference checks t_cur also for Heun's second evaluation). ``transform(v, x, t)``
+        turns a velocity into what is guided (the SDE's drift); identity by default.
+        """
+        dtype = self.model.dtype
+        guide = self.use_guidance(t_guide)
+        idx = self.guided.nonzero().squeeze(1) if guide else None
+        if guide:
+            # Only the guided samples get a null-branch row: one forward of B + B_guided.
+            model_x = torch.cat([x, x[idx]])
+            model_y = torch.cat([self.labels, self.null[idx]])
+        else:
+            model_x, model_y = x, self.labels
+        t = torch.full((model_x.shape[0],), t_model, dtype=torch.float64, device=x.device)
+        v = self.model(model_x.to(dtype), t.to(dtype), model_y).to(torch.float64)
+        if transform is not None:
+            v = transform(v, model_x, t)
+        out = v[: x.shape[0]]
+        if guide:
+            cond, uncond = out[idx], v[x.shape[0] :]
+            s = self.scale[idx].reshape(-1, *([1] * (x.ndim - 1)))
+            out = out.clone()
+            out[idx] = uncond + s * (cond - uncond)
+        return out
+
+
+@torch.no_grad()
+def sample(
+    gen,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    sampler: str = "euler",
+    cfg_scale: float | torch.Tensor = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    path: str = "linear",
+    generators: Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Integrate from noise (t = 1) to data (t = 0).
+
+    noise (B, L, D) (or (B, C, H, W) for a 2-D model), labels (B,) -> normalised latents of
+    noise's shape, in noise's dtype. ``generators`` (one per sample) drive the SDE's noise.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    path_coefficients(torch.zeros(1), path)  # validates the path name
+    if not 1 <= int(steps):
+        raise ValueError("steps must be >= 1")
+    if labels.shape != (noise.shape[0],):
+        raise ValueError(f"labels must have shape ({noise.shape[0]},), got {tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= gen.num_classes):
+        raise ValueError(f"class ids must be in [0, {gen.num_classes}), got {labels.tolist()}")
+    velocity = GuidedVelocity(gen, labels, cfg_scale, guidance_interval)
+    x = noise.to(torch.float64)
+    if sampler == "euler-maruyama":
+        x = _euler_maruyama(velocity, x, steps, path, generators)
+    else:
+        x = _ode(velocity, x, steps, heun=sampler == "heun")
+    return x.to(noise.dtype)
+
+
+def _ode(velocity: GuidedVelocity, x: torch.Tensor, steps: int, heun: bool) -> torch.Tensor:
+    grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+    for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        d_cur = velocity(x, t_cur, t_cur)
+        x_next = x + (t_next - t_cur) * d_cur
+        if heun and i < steps - 1:
+            d_prime = velocity(x_next, t_next, t_cur)
+            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+        x = x_next
+    return x
+
+
+def _euler_maruyama(
+    velocity: GuidedVelocity,
+    x: torch.Tensor,
+    steps: int,
+    path: str,
+    generators: Sequence[torch.Generator] | None,
+) -> torch.Tensor:
+    grid = torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    grid = grid.tolist()
+
+    def drift_at(t_cur: float):
+        w = 2.0 * t_cur  # diffusion coefficient w(t) = 2t
+
+        def drift(v, xm, t):
+            return v - 0.5 * w * score_from_velocity(v, xm, t, path)
+
+        return drift, w
+
+    for t_cur, t_next in zip(grid[:-2], grid[1:-1]):
+        dt = t_next - t_cur
+        drift, w = drift_at(t_cur)
+        eps = _randn_like(x, generators)
+        d = velocity(x, t_cur, t_cur, transform=drift)
+        x = x + d * dt + math.sqrt(w) * math.sqrt(abs(dt)) * eps
+    # Last step (0.04 -> 0): the drift alone, no noise.
+    t_cur, t_next = grid[-2], grid[-1]
+    drift, _ = drift_at(t_cur)
+    return x + (t_next - t_cur) * velocity(x, t_cur, t_cur, transform=drift)

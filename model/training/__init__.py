@@ -1,0 +1,1 @@
+"""Training the project's own tokenizers and generators (pure PyTorch)."""

@@ -1,0 +1,1 @@
+"""softvq-serve's HTTP service, batching, brokers and workers."""
