@@ -1,0 +1,64 @@
+"""What travels between the API and the workers: jobs, results and the errors a caller sees.
+
+A job is one request's work for one model and task. Its payload holds numpy arrays (images
+as (n, 3, S, S) float32 in [-1, 1], tokens as (n, L, D) float32) and plain values, so it
+serialises for Redis as well as staying in process.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+TASKS = ("tokenize", "decode", "reconstruct", "generate")
+
+
+@dataclass
+class Job:
+    model: str  # tokenizer name, or generator name for "generate"
+    task: str  # one of TASKS
+    payload: dict[str, Any]  # task inputs
+    params: dict[str, Any] = field(default_factory=dict)  # jobs batch together only if equal
+    deadline: float = 0.0  # epoch seconds; past it the job is dropped and its caller gets 504
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: float = field(default_factory=time.time)
+    attempts: int = 0
+
+    @property
+    def size(self) -> int:
+        """Items this job adds to a batch (guidance counts double; the batcher applies that)."""
+        return int(self.payload.get("n", 1))
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline > 0 and (now or time.time()) > self.deadline
+
+
+class JobError(Exception):
+    """Base of the errors a caller can get back for an accepted job."""
+
+    status = 500
+    code = "internal_error"
+
+
+class QueueFull(JobError):
+    status, code = 429, "queue_full"
+
+
+class JobTimeout(JobError):
+    status, code = 504, "timeout"
+
+
+class JobFailed(JobError):
+    """The job failed on every attempt (or is invalid for the model)."""
+
+    status, code = 500, "job_failed"
+
+
+class InvalidJob(JobError):
+    status, code = 422, "invalid_input"
+
+
+class BrokerUnavailable(JobError):
+    status, code = 503, "broker_unavailable"

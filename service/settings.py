@@ -1,0 +1,76 @@
+"""All configuration in one place: environment variables with the prefix ``SOFTVQ_``.
+
+Model maps are JSON in the environment, e.g.
+``SOFTVQ_TOKENIZERS='{"softvq-l-64": "/models/softvq-l-64"}'`` and
+``SOFTVQ_GENERATORS='{"sit-xl-l64": {"path": "/models/sit-xl-l64", "tokenizer": "softvq-l-64"}}'``.
+Relative paths resolve against ``SOFTVQ_MODEL_ROOT``. Left empty, the bundled demo models
+are served.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GeneratorSpec(BaseModel):
+    path: str
+    tokenizer: str
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SOFTVQ_", extra="ignore")
+
+    # --- models -----------------------------------------------------------------------
+    model_root: str | None = Field(None, description="directory that relative model paths resolve against; model dirs must lie under it when set")
+    tokenizers: dict[str, str] = Field(default_factory=dict, description="tokenizer name -> directory")
+    generators: dict[str, GeneratorSpec] = Field(default_factory=dict, description="generator name -> {path, tokenizer}")
+    default_tokenizer: str | None = Field(None, description="tokenizer used when a request names none")
+    default_generator: str | None = Field(None, description="generator used when a request names none")
+    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str = Field("auto", description="'auto' (bfloat16 on GPU, float32 on CPU), 'float32', 'bfloat16', 'float16'")
+    backend: str = Field("eager", description="execution backend: eager | compile | onnx")
+
+    # --- batching and queues ----------------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, description="most items run in one model call (guidance counts double)")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], description="batch sizes compiled graphs are built for")
+    queue_max: int = Field(256, ge=1, description="bound on queued jobs per model and task; past it 429")
+    request_timeout_s: float = Field(60.0, gt=0, description="default per-request deadline; a request may ask for less")
+
+    # --- redis mode -------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="Redis URL; unset = embedded in-process queue")
+    stream_prefix: str = Field("softvq", description="key prefix of streams, results and heartbeats")
+    visibility_timeout_s: float = Field(30.0, gt=0, description="idle time after which another worker claims a job")
+    max_attempts: int = Field(3, ge=1, description="deliveries of a job before its caller gets an error")
+    result_ttl_s: float = Field(120.0, gt=0, description="how long an unread result stays in Redis")
+
+    # --- limits -------------------------------------------------------------------------
+    max_body_bytes: int = Field(32 * 1024 * 1024, description="largest request body (413 past it)")
+    max_image_bytes: int = Field(16 * 1024 * 1024, description="largest single encoded image")
+    max_image_pixels: int = Field(16_000_000, description="largest decoded image (width x height)")
+    max_images_per_request: int = Field(32, ge=1, description="images or tokens per request")
+    max_steps: int = Field(250, ge=1, description="largest 'steps' of /generate")
+
+    # --- network and access ---------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address the API binds")
+    port: int = Field(8000, description="port of the API")
+    metrics_port: int = Field(9100, description="port of a worker's /metrics")
+    api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty = no auth")
+    rate_limit_per_s: float = Field(0.0, ge=0, description="per-key request rate (0 = unlimited)")
+    rate_limit_burst: int = Field(20, ge=1, description="per-key burst")
+    cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins")
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        if not p.is_absolute() and self.model_root:
+            p = Path(self.model_root) / p
+        return p.resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
