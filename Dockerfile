@@ -1,0 +1,95 @@
+# syntax=docker/dockerfile:1.7
+#
+# softvq-serve image: one Dockerfile, two variants chosen by a build argument.
+#
+#   GPU (default): docker build -t softvq-serve:gpu .
+#   CPU:           docker build --build-arg VARIANT=cpu -t softvq-serve:cpu .
+#
+# Stages:  os-gpu | os-cpu   a Python runtime on the right base image
+#          builder           a virtualenv with torch (from the PyTorch index of the variant)
+#                            and the softvq-serve package, built from this source tree
+#          runtime           the base again + that virtualenv + a non-root user; no compilers,
+#                            no pip cache, no source tree
+#
+# The same image runs both processes (see README):
+#   API:    softvq serve --host 0.0.0.0 --port 8000 [--redis URL]      (the default CMD)
+#   worker: softvq worker --redis URL --metrics-port 9100
+#
+# Weights: released checkpoints are mounted read-only at /models and named with
+# SOFTVQ_MODEL_ROOT=/models, SOFTVQ_TOKENIZERS and SOFTVQ_GENERATORS (JSON). With no model
+# maps set, the demo weights bundled inside the package (model/demo_weights/) are served.
+
+ARG VARIANT=gpu
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# --- GPU base: CUDA runtime + the distribution's Python (3.12 on Ubuntu 24.04) ------------
+FROM ${CUDA_IMAGE} AS os-gpu
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+
+# --- CPU base: plain Python 3.11 ------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS os-cpu
+
+# --- builder ------------------------------------------------------------------------------
+FROM os-${VARIANT} AS builder
+ARG VARIANT
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_GPU=https://download.pytorch.org/whl/cu128
+ARG TORCH_INDEX_CPU=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN python3 -m venv /opt/venv && pip install --upgrade pip setuptools wheel
+
+# torch first and in its own layer: it is by far the largest dependency and changes least.
+# The CPU variant takes the CPU-only build, so the image carries no CUDA libraries.
+RUN if [ "$VARIANT" = "cpu" ]; then index="$TORCH_INDEX_CPU"; else index="$TORCH_INDEX_GPU"; fi \
+ && pip install "torch==${TORCH_VERSION}" --index-url "$index"
+
+# The package itself (not editable): model/, service/, loadtests/ and the bundled demo
+# weights (package data). The GPU variant adds onnxruntime-gpu, triton and pynvml.
+WORKDIR /src
+COPY . .
+RUN if [ "$VARIANT" = "cpu" ]; then extras="onnx"; else extras="gpu"; fi \
+ && pip install ".[${extras}]" \
+ && softvq --help > /dev/null
+
+# --- runtime ------------------------------------------------------------------------------
+FROM os-${VARIANT} AS runtime
+ARG VARIANT
+LABEL org.opencontainers.image.title="softvq-serve" \
+      org.opencontainers.image.description="SoftVQ-VAE tokenizers and SiT generators over HTTP" \
+      org.opencontainers.image.licenses="MIT" \
+      io.softvq.variant="${VARIANT}"
+
+# A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
+RUN groupadd --system --gid 10001 softvq \
+ && useradd --system --uid 10001 --gid softvq --home-dir /home/softvq --create-home softvq \
+ && mkdir -p /models \
+ && chown softvq:softvq /models
+
+COPY --from=builder /opt/venv /opt/venv
+
+# SOFTVQ_HOST: inside a container the API must listen on every interface (the settings
+# default, 127.0.0.1, is right for a laptop and wrong here).
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    SOFTVQ_HOST=0.0.0.0 \
+    SOFTVQ_PORT=8000 \
+    SOFTVQ_METRICS_PORT=9100
+
+USER 10001:10001
+WORKDIR /home/softvq
+EXPOSE 8000 9100
+
+# Liveness of the API process. A worker container has no API; docker-compose.yml and the
+# Kubernetes manifests give it its own check (its /metrics port). HEALTHCHECK_URL overrides
+# the target without rebuilding.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+  CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen(os.environ.get('HEALTHCHECK_URL') or 'http://127.0.0.1:%s/healthz' % os.environ.get('SOFTVQ_PORT', '8000'), timeout=4)"]
+
+ENTRYPOINT ["softvq"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
