@@ -11,7 +11,9 @@ from .sit import SiT
 from .tokenizer import SoftVQTokenizer
 
 
-def seeded_noise(seeds: Sequence[int], shape: tuple[int, ...], device=None) -> tuple[torch.Tensor, list[torch.Generator]]:
+def seeded_noise(
+    seeds: Sequence[int], shape: tuple[int, ...], device=None
+) -> tuple[torch.Tensor, list[torch.Generator]]:
     """One CPU generator per seed: noise (B, *shape) float32 that is the same on any device and
     in any batch. The generators are returned (already advanced) to drive SDE noise."""
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
@@ -48,8 +50,15 @@ def sample_latents(
         cfg_scale = torch.as_tensor(cfg_scale, dtype=torch.float64)
     cfg = cfg_scale if isinstance(cfg_scale, (int, float)) else cfg_scale.to(device)
     return sample(
-        gen, noise, labels.to(device), steps, sampler=sampler, cfg_scale=cfg,
-        guidance_interval=guidance_interval, path=path, generators=generators,
+        gen,
+        noise,
+        labels.to(device),
+        steps,
+        sampler=sampler,
+        cfg_scale=cfg,
+        guidance_interval=guidance_interval,
+        path=path,
+        generators=generators,
     )
 
 

@@ -29,7 +29,9 @@ def path_coefficients(t: torch.Tensor, path: str):
     raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
 
 
-def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, path: str) -> torch.Tensor:
+def score_from_velocity(
+    v: torch.Tensor, x: torch.Tensor, t: torch.Tensor, path: str
+) -> torch.Tensor:
     """Score of p_t from the velocity; for the linear path (-(1 - t) v - x) / t."""
     t = t.reshape(-1, *([1] * (x.ndim - 1)))
     alpha, d_alpha, sigma, d_sigma = path_coefficients(t, path)
@@ -157,7 +159,9 @@ def _euler_maruyama(
     path: str,
     generators: Sequence[torch.Generator] | None,
 ) -> torch.Tensor:
-    grid = torch.cat([torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    grid = torch.cat(
+        [torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
+    )
     grid = grid.tolist()
 
     def drift_at(t_cur: float):

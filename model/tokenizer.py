@@ -248,8 +248,12 @@ class SoftVQTokenizer(nn.Module):
             for block in vit.blocks:
                 nn.init.constant_(block.ls1.gamma, 1e-5)
                 nn.init.constant_(block.ls2.gamma, 1e-5)
-        for p in (self.encoder.latent_tokens, self.encoder.latent_pos_embed,
-                  self.decoder.latent_pos_embed, self.decoder.mask_token):
+        for p in (
+            self.encoder.latent_tokens,
+            self.encoder.latent_pos_embed,
+            self.decoder.latent_pos_embed,
+            self.decoder.mask_token,
+        ):
             nn.init.trunc_normal_(p, std=0.02)
         nn.init.normal_(self.quantize.embedding)
 

@@ -70,11 +70,17 @@ def cmd_tokenize(args) -> int:
     if args.output:
         from safetensors.torch import save_file
 
-        save_file({"tokens": tokens.float().contiguous(), "indices": indices.contiguous()}, args.output)
+        save_file(
+            {"tokens": tokens.float().contiguous(), "indices": indices.contiguous()}, args.output
+        )
         print(f"wrote tokens {tuple(tokens.shape)} to {args.output}")
     else:
         json.dump(
-            {"shape": list(tokens.shape), "tokens": tokens.float().tolist(), "indices": indices.tolist()},
+            {
+                "shape": list(tokens.shape),
+                "tokens": tokens.float().tolist(),
+                "indices": indices.tolist(),
+            },
             sys.stdout,
         )
         print()
@@ -104,8 +110,14 @@ def cmd_generate(args) -> int:
     seeds = [args.seed + i for i in range(len(labels))]
     try:
         images = model.generate(
-            tok, gen, labels, seeds, steps=args.steps, sampler=args.sampler,
-            cfg_scale=args.cfg_scale, guidance_interval=(args.guidance_low, args.guidance_high),
+            tok,
+            gen,
+            labels,
+            seeds,
+            steps=args.steps,
+            sampler=args.sampler,
+            cfg_scale=args.cfg_scale,
+            guidance_interval=(args.guidance_low, args.guidance_high),
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -13,24 +13,33 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 REQUESTS = Counter(
-    "softvq_requests_total", "HTTP requests by endpoint, model and status code",
+    "softvq_requests_total",
+    "HTTP requests by endpoint, model and status code",
     ["endpoint", "model", "status"],
 )
 REQUEST_LATENCY = Histogram(
-    "softvq_request_duration_seconds", "End-to-end request latency",
-    ["endpoint", "model"], buckets=LATENCY_BUCKETS,
+    "softvq_request_duration_seconds",
+    "End-to-end request latency",
+    ["endpoint", "model"],
+    buckets=LATENCY_BUCKETS,
 )
 QUEUE_WAIT = Histogram(
-    "softvq_queue_wait_seconds", "Time a job waited before its batch started",
-    ["model", "task"], buckets=LATENCY_BUCKETS,
+    "softvq_queue_wait_seconds",
+    "Time a job waited before its batch started",
+    ["model", "task"],
+    buckets=LATENCY_BUCKETS,
 )
 COMPUTE_TIME = Histogram(
-    "softvq_compute_seconds", "Model time of one batch",
-    ["model", "task"], buckets=LATENCY_BUCKETS,
+    "softvq_compute_seconds",
+    "Model time of one batch",
+    ["model", "task"],
+    buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram(
-    "softvq_batch_size", "Items (images or token sets) per model batch",
-    ["model", "task"], buckets=BATCH_BUCKETS,
+    "softvq_batch_size",
+    "Items (images or token sets) per model batch",
+    ["model", "task"],
+    buckets=BATCH_BUCKETS,
 )
 QUEUE_DEPTH = Gauge("softvq_queue_depth", "Jobs waiting, per model and task", ["model", "task"])
 IMAGES = Counter(
@@ -40,11 +49,13 @@ TOKENS = Counter(
     "softvq_tokens_processed_total", "Latent tokens produced or consumed", ["model", "task"]
 )
 JOB_RETRIES = Counter(
-    "softvq_job_retries_total", "Jobs delivered again after a worker died or failed",
+    "softvq_job_retries_total",
+    "Jobs delivered again after a worker died or failed",
     ["model", "task"],
 )
 JOBS_FAILED = Counter(
-    "softvq_jobs_failed_total", "Jobs that ended in an error for their caller",
+    "softvq_jobs_failed_total",
+    "Jobs that ended in an error for their caller",
     ["model", "task", "reason"],
 )
 WORKER_BUSY = Gauge("softvq_worker_busy", "1 while the worker runs a batch, else 0", ["worker"])
@@ -53,7 +64,8 @@ WORKER_BUSY_SECONDS = Counter(
 )
 WORKERS_ALIVE = Gauge("softvq_workers_alive", "Workers with a fresh heartbeat (API's view)")
 MODEL_INFO = Gauge(
-    "softvq_model_info", "Served models (value 1)",
+    "softvq_model_info",
+    "Served models (value 1)",
     ["model", "kind", "tokens", "dim", "backend", "device", "dtype"],
 )
 GPU_MEMORY = Gauge("softvq_gpu_memory_bytes", "GPU memory by torch", ["device", "kind"])

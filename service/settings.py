@@ -25,27 +25,58 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SOFTVQ_", extra="ignore")
 
     # --- models -----------------------------------------------------------------------
-    model_root: str | None = Field(None, description="directory that relative model paths resolve against; model dirs must lie under it when set")
-    tokenizers: dict[str, str] = Field(default_factory=dict, description="tokenizer name -> directory")
-    generators: dict[str, GeneratorSpec] = Field(default_factory=dict, description="generator name -> {path, tokenizer}")
-    default_tokenizer: str | None = Field(None, description="tokenizer used when a request names none")
-    default_generator: str | None = Field(None, description="generator used when a request names none")
-    device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: str = Field("auto", description="'auto' (bfloat16 on GPU, float32 on CPU), 'float32', 'bfloat16', 'float16'")
+    model_root: str | None = Field(
+        None,
+        description="directory that relative model paths resolve against; model dirs must lie under it when set",
+    )
+    tokenizers: dict[str, str] = Field(
+        default_factory=dict, description="tokenizer name -> directory"
+    )
+    generators: dict[str, GeneratorSpec] = Field(
+        default_factory=dict, description="generator name -> {path, tokenizer}"
+    )
+    default_tokenizer: str | None = Field(
+        None, description="tokenizer used when a request names none"
+    )
+    default_generator: str | None = Field(
+        None, description="generator used when a request names none"
+    )
+    device: str = Field(
+        "auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ..."
+    )
+    dtype: str = Field(
+        "auto",
+        description="'auto' (bfloat16 on GPU, float32 on CPU), 'float32', 'bfloat16', 'float16'",
+    )
     backend: str = Field("eager", description="execution backend: eager | compile | onnx")
 
     # --- batching and queues ----------------------------------------------------------------
-    max_batch_size: int = Field(16, ge=1, description="most items run in one model call (guidance counts double)")
+    max_batch_size: int = Field(
+        16, ge=1, description="most items run in one model call (guidance counts double)"
+    )
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
-    batch_buckets: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16], description="batch sizes compiled graphs are built for")
-    queue_max: int = Field(256, ge=1, description="bound on queued jobs per model and task; past it 429")
-    request_timeout_s: float = Field(60.0, gt=0, description="default per-request deadline; a request may ask for less")
+    batch_buckets: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16],
+        description="batch sizes compiled graphs are built for",
+    )
+    queue_max: int = Field(
+        256, ge=1, description="bound on queued jobs per model and task; past it 429"
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="default per-request deadline; a request may ask for less"
+    )
 
     # --- redis mode -------------------------------------------------------------------
     redis_url: str | None = Field(None, description="Redis URL; unset = embedded in-process queue")
-    stream_prefix: str = Field("softvq", description="key prefix of streams, results and heartbeats")
-    visibility_timeout_s: float = Field(30.0, gt=0, description="idle time after which another worker claims a job")
-    max_attempts: int = Field(3, ge=1, description="deliveries of a job before its caller gets an error")
+    stream_prefix: str = Field(
+        "softvq", description="key prefix of streams, results and heartbeats"
+    )
+    visibility_timeout_s: float = Field(
+        30.0, gt=0, description="idle time after which another worker claims a job"
+    )
+    max_attempts: int = Field(
+        3, ge=1, description="deliveries of a job before its caller gets an error"
+    )
     result_ttl_s: float = Field(120.0, gt=0, description="how long an unread result stays in Redis")
 
     # --- limits -------------------------------------------------------------------------

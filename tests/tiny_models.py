@@ -23,7 +23,9 @@ def randomize(module: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.
     return module
 
 
-def tiny_tokenizer_config(image_size: int = 32, tokens: int = 8, dim: int = 8) -> model.TokenizerConfig:
+def tiny_tokenizer_config(
+    image_size: int = 32, tokens: int = 8, dim: int = 8
+) -> model.TokenizerConfig:
     return model.TokenizerConfig(
         image_size=image_size,
         enc_patch_size=8,
@@ -47,17 +49,35 @@ def make_tokenizer(seed: int = 0, **kw) -> model.SoftVQTokenizer:
     return randomize(tok, seed).eval()
 
 
-def make_generator(tokens: int = 8, dim: int = 8, num_classes: int = 10, seed: int = 1, tokenizer: str | None = None):
+def make_generator(
+    tokens: int = 8,
+    dim: int = 8,
+    num_classes: int = 10,
+    seed: int = 1,
+    tokenizer: str | None = None,
+):
     cfg = model.GeneratorConfig(
-        input_size=tokens, in_channels=dim, hidden_size=32, depth=1, num_heads=2,
-        num_classes=num_classes, tokenizer=tokenizer,
+        input_size=tokens,
+        in_channels=dim,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=num_classes,
+        tokenizer=tokenizer,
     )
     gen = model.build_generator(cfg)
     gen.initialize_weights()
     return randomize(gen, seed, std=0.1).eval()
 
 
-def save_tiny_pair(root: Path, name: str = "tiny", tokens: int = 8, dim: int = 8, image_size: int = 32, seed: int = 0) -> tuple[Path, Path]:
+def save_tiny_pair(
+    root: Path,
+    name: str = "tiny",
+    tokens: int = 8,
+    dim: int = 8,
+    image_size: int = 32,
+    seed: int = 0,
+) -> tuple[Path, Path]:
     """Write tokenizer ``{name}`` and generator ``sit-{name}`` under root; return their dirs."""
     tok = make_tokenizer(seed, image_size=image_size, tokens=tokens, dim=dim)
     gen = make_generator(tokens, dim, seed=seed + 1, tokenizer=name)

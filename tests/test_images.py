@@ -1,0 +1,72 @@
+"""Image conversion: every common mode becomes RGB; other sizes are resized and centre-cropped."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from model.images import load_image, make_grid, png_bytes, psnr, resize_center_crop, to_pil
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "img",
+    [
+        Image.new("L", (40, 40), 128),
+        Image.new("RGBA", (40, 40), (255, 0, 0, 255)),
+        Image.new("RGB", (40, 40), (10, 20, 30)).convert("P"),
+        Image.new("CMYK", (40, 40), (0, 0, 0, 0)),
+        Image.fromarray(np.full((40, 40), 65535, dtype=np.uint16)),
+        Image.new("LA", (40, 40), (0, 0)),
+    ],
+    ids=["L", "RGBA", "P", "CMYK", "I16", "LA"],
+)
+def test_modes_become_rgb(img):
+    fmt = "JPEG" if img.mode == "CMYK" else "PNG"
+    x = load_image(encode(img, fmt), 32)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+
+
+def test_values():
+    x = load_image(encode(Image.new("RGB", (32, 32), (255, 0, 128))), 32)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([1.0, -1.0, 128 / 127.5 - 1]), atol=1e-6)
+    white = load_image(encode(Image.new("LA", (8, 8), (0, 0))), 8)  # transparent -> white
+    assert torch.allclose(white, torch.ones_like(white))
+    sixteen = load_image(encode(Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))), 8)
+    assert torch.allclose(sixteen, torch.ones_like(sixteen))
+
+
+def test_resize_shorter_side_then_centre_crop():
+    arr = np.zeros((100, 300, 3), dtype=np.uint8)
+    arr[:, 100:200] = 255  # a white band in the middle third
+    out = resize_center_crop(Image.fromarray(arr), 50)
+    assert out.size == (50, 50)
+    # The middle third of a 150x50 resize is exactly the crop: all white, edges aside.
+    assert np.asarray(out)[:, 3:-3].min() > 200
+
+
+def test_round_trip_and_psnr():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    pics = to_pil(x)
+    back = torch.stack([load_image(png_bytes(p), 16) for p in pics])
+    assert (back - x).abs().max() <= 1 / 127.5 + 1e-6
+    assert all(v > 45 for v in psnr(x, back))
+    assert psnr(x, x) == [float("inf")] * 2
+    grid = make_grid(pics, columns=2)
+    assert grid.size == (2 * 18 + 2, 18 + 2)
+
+
+def test_garbage_is_an_error():
+    with pytest.raises(UnidentifiedImageError):
+        load_image(b"definitely not an image", 32)
+    truncated = encode(Image.new("RGB", (64, 64), (1, 2, 3)))[:60]
+    with pytest.raises(OSError):
+        load_image(truncated, 32)
