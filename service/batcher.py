@@ -1,0 +1,257 @@
+"""Dynamic batching, shared by the embedded broker and the Redis workers.
+
+A ``Batcher`` pulls jobs from a ``JobSource`` (an in-process queue, or Redis streams read by
+a worker), groups them by (model, task, params), and runs one group at a time on the
+executor's thread:
+
+- a group runs once it holds ``max_batch_size`` items (a guided generate item counts twice:
+  its null branch doubles the forward) or its oldest job has waited ``max_wait_ms``;
+- jobs of different params (e.g. step counts) never share a batch, so one sampling loop never
+  runs two schedules; cfg_scale is a payload value and may differ inside a batch;
+- an expired job is answered JobTimeout and a cancelled one dropped, before the model sees it;
+- a job the model crashed on alone (``ModelCrashed``) goes back to the source for another
+  attempt until ``max_attempts``, then its caller gets JobFailed.
+
+The source decides what "back" and "answered" mean: an asyncio future in process, a stream
+entry and a reply list in Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from . import metrics
+from .executor import Executor, ModelCrashed, job_cost
+from .jobs import Job, JobError, JobFailed, JobTimeout
+
+log = logging.getLogger(__name__)
+
+Outcome = dict | JobError | None  # None: answer nobody (the caller went away)
+
+
+class JobSource(ABC):
+    """Where a batcher's jobs come from, and where their outcomes go."""
+
+    @abstractmethod
+    async def fetch(self, timeout: float, limit: int) -> list[Job]:
+        """Up to ``limit`` new jobs; waits at most ``timeout`` s for the first. [] if none."""
+
+    @abstractmethod
+    async def cancelled(self, jobs: list[Job]) -> set[str]:
+        """Ids of the given jobs whose caller no longer waits."""
+
+    @abstractmethod
+    async def finish(self, items: list[tuple[Job, Outcome]]) -> None:
+        """Answer each job's caller (unless the outcome is None) and release the job."""
+
+    @abstractmethod
+    async def retry(self, jobs: list[Job]) -> None:
+        """Queue the jobs again (their ``attempts`` already counts the failed run)."""
+
+    @abstractmethod
+    async def hand_back(self, jobs: list[Job]) -> None:
+        """Jobs taken but never started, at shutdown: let someone else run them."""
+
+
+def group_key(job: Job) -> tuple[str, str, str]:
+    """Jobs batch together only when model, task and params are equal."""
+    return job.model, job.task, json.dumps(job.params, sort_keys=True)
+
+
+class Batcher:
+    def __init__(
+        self,
+        settings,
+        executor: Executor,
+        source: JobSource,
+        worker_id: str = "embedded",
+        idle_poll_s: float = 0.25,
+    ):
+        self.settings = settings
+        self.executor = executor
+        self.source = source
+        self.worker_id = worker_id
+        self.max_batch = settings.max_batch_size
+        self.max_wait = settings.max_wait_ms / 1000.0
+        self.max_attempts = settings.max_attempts
+        self.idle_poll = idle_poll_s
+        # Jobs held but not yet running, by group, oldest first: (time received, job).
+        self.pending: dict[tuple, deque[tuple[float, Job]]] = {}
+        self.running: list[Job] = []
+        self._expired: list[Job] = []  # purged from their groups, answered by the next turn
+        self.batches_run = 0
+        self._stopping = False
+        self._drain = True
+        # One model thread: batches run one after another, never concurrently on the device.
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"softvq-model-{worker_id}")
+        metrics.WORKER_BUSY.labels(worker=worker_id).set(0)
+
+    # --- control --------------------------------------------------------------------------
+    def stop(self, drain: bool = True) -> None:
+        """Stop taking new jobs. ``drain``: run what is held; else hand it back to the source
+        (the batch already running always finishes)."""
+        self._stopping, self._drain = True, drain
+
+    def held(self) -> list[Job]:
+        """Every job this batcher holds: waiting in a group or running."""
+        return [j for q in self.pending.values() for _, j in q] + list(self.running)
+
+    def held_count(self) -> int:
+        return sum(len(q) for q in self.pending.values())
+
+    async def run(self) -> None:
+        try:
+            while True:
+                if self._stopping and not self._drain:
+                    await self._hand_back_pending()
+                    return
+                if self._stopping and not self.pending and not self._expired:
+                    await self._pull(0.0)  # a last look at what was accepted before stop()
+                    if not self.pending:
+                        return
+                await self.step()
+        finally:
+            self.pool.shutdown(wait=True)
+
+    # --- one turn: pull, pick a due group, run it --------------------------------------------
+    async def step(self) -> None:
+        await self._pull(0.0)  # whatever has arrived may still join a group
+        self._purge_expired()
+        key, wait = self._next_due()
+        if key is None:
+            await self._pull(self.idle_poll if wait is None else wait)
+            return
+        batch = self._take(key)
+        await self.run_batch(batch)
+
+    async def _pull(self, timeout: float) -> None:
+        if self._stopping:
+            # Draining takes what the source already holds, without waiting for more.
+            if not self._drain:
+                return
+            timeout = 0.0
+        room = 2 * self.max_batch - self.held_count()
+        if room <= 0:
+            return
+        for job in await self.source.fetch(timeout, room):
+            self.add(job)
+
+    def add(self, job: Job) -> None:
+        self.pending.setdefault(group_key(job), deque()).append((time.monotonic(), job))
+
+    def _purge_expired(self) -> None:
+        """Expired jobs leave their group now (answered when the next batch runs), so they
+        neither take slots nor make a group look due."""
+        now = time.time()
+        for key in list(self.pending):
+            q = self.pending[key]
+            if any(j.expired(now) for _, j in q):
+                keep = deque((t, j) for t, j in q if not j.expired(now))
+                self._expired.extend(j for _, j in q if j.expired(now))
+                if keep:
+                    self.pending[key] = keep
+                else:
+                    del self.pending[key]
+
+    def _next_due(self) -> tuple[tuple | None, float | None]:
+        """(group to run now, None) or (None, seconds until the first group is due)."""
+        if self._expired:
+            return ("expired",), None
+        now = time.monotonic()
+        due, first_wait = [], None
+        for key, q in self.pending.items():
+            oldest = q[0][0]
+            cost = sum(job_cost(j) for _, j in q)
+            if cost >= self.max_batch or now - oldest >= self.max_wait or self._stopping:
+                due.append((oldest, key))
+            else:
+                w = oldest + self.max_wait - now
+                first_wait = w if first_wait is None else min(first_wait, w)
+        if due:
+            return min(due)[1], None
+        return None, first_wait
+
+    def _take(self, key: tuple) -> list[Job]:
+        if key == ("expired",):
+            batch, self._expired = self._expired, []
+            return batch
+        q = self.pending[key]
+        batch, cost = [], 0
+        while q and (not batch or cost + job_cost(q[0][1]) <= self.max_batch):
+            _, job = q.popleft()
+            batch.append(job)
+            cost += job_cost(job)
+        if not q:
+            del self.pending[key]
+        return batch
+
+    # --- running a batch ------------------------------------------------------------------
+    async def run_batch(self, batch: list[Job]) -> None:
+        now = time.time()
+        gone = await self.source.cancelled(batch)
+        dropped: list[tuple[Job, Outcome]] = []
+        live = []
+        for job in batch:
+            if job.id in gone:
+                dropped.append((job, None))
+            elif job.expired(now):
+                metrics.JOBS_FAILED.labels(model=job.model, task=job.task, reason="timeout").inc()
+                dropped.append((job, JobTimeout("deadline passed before the job could run")))
+            else:
+                live.append(job)
+        if dropped:
+            await self.source.finish(dropped)
+        if not live:
+            return
+        for job in live:
+            metrics.QUEUE_WAIT.labels(model=job.model, task=job.task).observe(
+                max(0.0, now - job.created)
+            )
+        self.running = live
+        busy = metrics.WORKER_BUSY.labels(worker=self.worker_id)
+        busy.set(1)
+        start = time.perf_counter()
+        try:
+            loop = asyncio.get_running_loop()
+            outcomes = await loop.run_in_executor(self.pool, self.executor.run, live)
+        finally:
+            busy.set(0)
+            metrics.WORKER_BUSY_SECONDS.labels(worker=self.worker_id).inc(
+                time.perf_counter() - start
+            )
+            self.running = []
+        self.batches_run += 1
+        await self._settle(live, outcomes)
+
+    async def _settle(self, jobs: list[Job], outcomes: list[dict | JobError]) -> None:
+        answers: list[tuple[Job, Outcome]] = []
+        again: list[Job] = []
+        for job, out in zip(jobs, outcomes, strict=True):
+            if isinstance(out, ModelCrashed):
+                job.attempts += 1
+                if job.attempts < self.max_attempts:
+                    metrics.JOB_RETRIES.labels(model=job.model, task=job.task).inc()
+                    again.append(job)
+                    continue
+                out = JobFailed(f"failed after {job.attempts} attempts: {out}")
+            if isinstance(out, JobError):
+                metrics.JOBS_FAILED.labels(model=job.model, task=job.task, reason=out.code).inc()
+            answers.append((job, out))
+        if again:
+            await self.source.retry(again)
+        if answers:
+            await self.source.finish(answers)
+
+    async def _hand_back_pending(self) -> None:
+        if self._expired:
+            await self.run_batch(self._take(("expired",)))  # answered JobTimeout, not handed on
+        jobs = [j for q in self.pending.values() for _, j in q]
+        self.pending.clear()
+        if jobs:
+            await self.source.hand_back(jobs)

@@ -1,0 +1,156 @@
+"""The embedded broker: API and model in one process, no Redis.
+
+``submit`` puts the job on an asyncio queue and awaits a future; a ``Batcher`` task on the
+same event loop pulls from the queue and runs batches on its model thread. Models are warmed
+up by that task before the first batch, so the API can start answering /healthz at once and
+/readyz turns ready when warm-up is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+from .. import metrics
+from ..batcher import Batcher, JobSource, Outcome
+from ..executor import Executor
+from ..jobs import BrokerUnavailable, Job, JobError, JobTimeout, QueueFull
+from .base import Broker
+
+log = logging.getLogger(__name__)
+
+
+class InProcessBroker(Broker, JobSource):
+    def __init__(self, settings, registry, executor: Executor | None = None):
+        self.settings = settings
+        self.registry = registry
+        self.executor = executor or Executor(registry)
+        self.batcher: Batcher | None = None
+        self._task: asyncio.Task | None = None
+        self._queue: asyncio.Queue[Job] | None = None
+        self._futures: dict[str, asyncio.Future] = {}  # job id -> its caller's future
+        self._counts: Counter[tuple[str, str]] = Counter()  # (model, task) -> accepted, unanswered
+        self._closing = False
+        self._error: str | None = None
+
+    # --- Broker -------------------------------------------------------------------------
+    async def start(self) -> None:
+        if not self.registry.loaded:
+            raise RuntimeError("the embedded broker needs a registry with loaded weights")
+        self._queue = asyncio.Queue()
+        self.batcher = Batcher(self.settings, self.executor, self)
+        self._task = asyncio.create_task(self._serve(), name="softvq-batcher")
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if not self.registry.warm:
+                await loop.run_in_executor(self.batcher.pool, self.registry.warmup)
+            await self.batcher.run()
+        except Exception as e:
+            self._error = f"batcher stopped: {type(e).__name__}: {e}"
+            log.exception("embedded batcher crashed")
+            self._fail_all(BrokerUnavailable(self._error))
+            raise
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self.batcher is not None and self._task is not None:
+            self.batcher.stop(drain=True)
+            try:
+                await self._task
+            except Exception:  # noqa: BLE001 - already logged by _serve
+                pass
+        self._fail_all(BrokerUnavailable("the server is shutting down"))
+
+    async def submit(self, job: Job) -> dict:
+        if self._closing or self._task is None:
+            raise BrokerUnavailable(
+                "the server is shutting down" if self._closing else "not started"
+            )
+        if self._task.done():
+            raise BrokerUnavailable(self._error or "the batcher is not running")
+        key = (job.model, job.task)
+        if self._counts[key] >= self.settings.queue_max:
+            raise QueueFull(
+                f"queue for {job.model}/{job.task} is full ({self.settings.queue_max} jobs)"
+            )
+        if not job.deadline:
+            job.deadline = time.time() + self.settings.request_timeout_s
+        fut = asyncio.get_running_loop().create_future()
+        self._futures[job.id] = fut
+        self._count(key, +1)
+        self._queue.put_nowait(job)
+        try:
+            return await asyncio.wait_for(fut, timeout=max(0.0, job.deadline - time.time()))
+        except asyncio.TimeoutError:
+            raise JobTimeout(f"no result within the request deadline ({job.id})") from None
+        finally:
+            # Timed out or cancelled (client went away): forget the job; the batcher drops it
+            # when it comes up (``cancelled`` below) instead of running it.
+            if self._futures.pop(job.id, None) is not None:
+                self._count(key, -1)
+
+    async def ready(self) -> tuple[bool, str]:
+        if self._closing:
+            return False, "shutting down"
+        if self._task is None:
+            return False, "not started"
+        if self._task.done():
+            return False, self._error or "batcher stopped"
+        if not self.registry.warm:
+            return False, "warming up models"
+        return True, "ok"
+
+    async def queue_depth(self, model: str, task: str) -> int:
+        return self._counts[(model, task)]
+
+    # --- JobSource (called by the batcher, on this event loop) ------------------------------
+    async def fetch(self, timeout: float, limit: int) -> list[Job]:
+        jobs: list[Job] = []
+        try:
+            if timeout > 0:
+                jobs.append(await asyncio.wait_for(self._queue.get(), timeout))
+            while len(jobs) < limit:
+                jobs.append(self._queue.get_nowait())
+        except (asyncio.TimeoutError, asyncio.QueueEmpty):
+            pass
+        return jobs
+
+    async def cancelled(self, jobs: list[Job]) -> set[str]:
+        return {j.id for j in jobs if j.id not in self._futures}
+
+    async def finish(self, items: list[tuple[Job, Outcome]]) -> None:
+        for job, outcome in items:
+            fut = self._futures.pop(job.id, None)
+            if fut is None:
+                continue  # its caller already gave up
+            self._count((job.model, job.task), -1)
+            if fut.done() or outcome is None:
+                continue
+            if isinstance(outcome, JobError):
+                fut.set_exception(outcome)
+            else:
+                fut.set_result(outcome)
+
+    async def retry(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            self._queue.put_nowait(job)
+
+    async def hand_back(self, jobs: list[Job]) -> None:
+        for job in jobs:  # nobody else can run them in this process
+            self._queue.put_nowait(job)
+
+    # --- helpers ------------------------------------------------------------------------
+    def _count(self, key: tuple[str, str], delta: int) -> None:
+        self._counts[key] += delta
+        metrics.QUEUE_DEPTH.labels(model=key[0], task=key[1]).set(self._counts[key])
+
+    def _fail_all(self, error: JobError) -> None:
+        for job_id, fut in list(self._futures.items()):
+            if not fut.done():
+                fut.set_exception(error)
+            self._futures.pop(job_id, None)
+        self._counts.clear()

@@ -1,0 +1,309 @@
+"""The models a process serves, by name: tokenizers and the generators that sample for them.
+
+    registry = ModelRegistry.from_settings(settings)          # loads weights, makes runners
+    entry = registry.tokenizer("softvq-l-64")                # or None -> the default
+    tokens, indices = entry.runner.encode(images)
+    registry.warmup()                                        # every batch bucket once
+
+With no models configured the bundled demo weights (model/demo.py) that exist on disk are
+served. ``load_weights=False`` reads only each ``config.json``: the API in Redis mode needs
+shapes and names to validate requests but never runs a model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.backends import make_generator_runner, make_tokenizer_runner
+from model.loading import load_generator, load_tokenizer, read_config
+from model.sit import GeneratorConfig
+from model.tokenizer import TokenizerConfig
+
+from . import metrics
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UnknownModel(KeyError):
+    """A request named a model this process does not serve (HTTP 404)."""
+
+    def __init__(self, kind: str, name: str, known: list[str]):
+        super().__init__(name)
+        self.kind, self.name, self.known = kind, name, known
+
+    def __str__(self) -> str:
+        return f"unknown {self.kind} {self.name!r}; served: {', '.join(self.known) or 'none'}"
+
+
+class RegistryError(ValueError):
+    """The configured models cannot be served (bad path, incompatible pair, no models)."""
+
+
+@dataclass
+class TokenizerEntry:
+    name: str
+    path: Path
+    image_size: int
+    num_tokens: int
+    token_dim: int
+    num_codebooks: int
+    vq_mean: float
+    vq_std: float
+    runner: Any = None  # model.backends tokenizer runner; None when weights are not loaded
+    model: torch.nn.Module | None = None
+
+
+@dataclass
+class GeneratorEntry:
+    name: str
+    path: Path
+    tokenizer: str  # name of the TokenizerEntry whose tokens it samples
+    num_classes: int
+    num_tokens: int
+    token_dim: int
+    runner: Any = None  # callable like the generator: runner(x, t, y) -> velocity
+    model: torch.nn.Module | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise RegistryError(f"unknown dtype {name!r}; expected auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+class ModelRegistry:
+    def __init__(self, settings, device: torch.device, dtype: torch.dtype, backend: str):
+        self.settings = settings
+        self.device, self.dtype, self.backend = device, dtype, backend
+        self.tokenizers: dict[str, TokenizerEntry] = {}
+        self.generators: dict[str, GeneratorEntry] = {}
+        self.default_tokenizer: str = ""
+        self.default_generator: str | None = None
+        self.loaded = False
+        self.warm = False
+        # Warm-up and batches run on an executor thread; a model is not re-entrant on a GPU.
+        self.lock = threading.Lock()
+
+    # --- construction ------------------------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings, load_weights: bool = True) -> ModelRegistry:
+        device = resolve_device(settings.device)
+        reg = cls(settings, device, resolve_dtype(settings.dtype, device), settings.backend)
+        tokenizers, generators, defaults = _configured_models(settings)
+        for name, path in tokenizers.items():
+            reg.tokenizers[name] = reg._tokenizer_entry(name, reg._confined(path), load_weights)
+        for name, (path, tok_name) in generators.items():
+            reg.generators[name] = reg._generator_entry(
+                name, reg._confined(path), tok_name, load_weights
+            )
+        reg.default_tokenizer = defaults[0] or next(iter(reg.tokenizers))
+        reg.default_generator = defaults[1] or next(iter(reg.generators), None)
+        if reg.default_tokenizer not in reg.tokenizers:
+            raise RegistryError(f"default tokenizer {reg.default_tokenizer!r} is not configured")
+        if reg.default_generator is not None and reg.default_generator not in reg.generators:
+            raise RegistryError(f"default generator {reg.default_generator!r} is not configured")
+        reg.loaded = load_weights
+        reg._export_info()
+        return reg
+
+    def _confined(self, path: str | Path) -> Path:
+        """The resolved directory; refused when it lies outside ``model_root`` (when set)."""
+        p = self.settings.resolve(str(path))
+        root = self.settings.model_root
+        if root:
+            root = Path(root).resolve()
+            if p != root and root not in p.parents:
+                raise RegistryError(f"model directory {p} lies outside model_root {root}")
+        return p
+
+    def _tokenizer_entry(self, name: str, path: Path, load: bool) -> TokenizerEntry:
+        try:
+            cfg = TokenizerConfig.from_dict(read_config(path))
+            tok = load_tokenizer(path, device=self.device, dtype=self.dtype) if load else None
+        except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+            raise RegistryError(f"tokenizer {name!r}: {e}") from e
+        return TokenizerEntry(
+            name=name,
+            path=path,
+            image_size=cfg.image_size,
+            num_tokens=cfg.num_latent_tokens,
+            token_dim=cfg.codebook_embed_dim,
+            num_codebooks=cfg.num_codebooks,
+            vq_mean=float(cfg.vq_mean),
+            vq_std=float(cfg.vq_std),
+            model=tok,
+            runner=make_tokenizer_runner(tok, self.backend) if tok is not None else None,
+        )
+
+    def _generator_entry(self, name: str, path: Path, tok_name: str, load: bool) -> GeneratorEntry:
+        if tok_name not in self.tokenizers:
+            raise RegistryError(f"generator {name!r} pairs with unknown tokenizer {tok_name!r}")
+        try:
+            cfg = GeneratorConfig.from_dict(read_config(path))
+            gen = load_generator(path, device=self.device, dtype=self.dtype) if load else None
+        except (ValueError, OSError) as e:
+            raise RegistryError(f"generator {name!r}: {e}") from e
+        if not cfg.vae_1d:
+            raise RegistryError(f"generator {name!r} is a 2-D model; only 1-D SiT is served")
+        tok = self.tokenizers[tok_name]
+        if (cfg.input_size, cfg.in_channels) != (tok.num_tokens, tok.token_dim):
+            raise RegistryError(
+                f"generator {name!r} works on ({cfg.input_size}, {cfg.in_channels}) tokens but "
+                f"tokenizer {tok_name!r} makes ({tok.num_tokens}, {tok.token_dim})"
+            )
+        return GeneratorEntry(
+            name=name,
+            path=path,
+            tokenizer=tok_name,
+            num_classes=cfg.num_classes,
+            num_tokens=cfg.input_size,
+            token_dim=cfg.in_channels,
+            model=gen,
+            runner=make_generator_runner(gen, self.backend) if gen is not None else None,
+        )
+
+    # --- lookup -----------------------------------------------------------------------
+    def tokenizer(self, name: str | None) -> TokenizerEntry:
+        name = name or self.default_tokenizer
+        if name not in self.tokenizers:
+            raise UnknownModel("tokenizer", name, list(self.tokenizers))
+        return self.tokenizers[name]
+
+    def generator(self, name: str | None) -> GeneratorEntry:
+        name = name or self.default_generator
+        if name is None or name not in self.generators:
+            raise UnknownModel("generator", str(name), list(self.generators))
+        return self.generators[name]
+
+    def info(self) -> dict:
+        common = {
+            "backend": self.backend,
+            "device": str(self.device),
+            "dtype": _dtype_name(self.dtype),
+        }
+        return {
+            "tokenizers": [
+                {
+                    "name": t.name,
+                    "image_size": t.image_size,
+                    "num_tokens": t.num_tokens,
+                    "token_dim": t.token_dim,
+                    **common,
+                }
+                for t in self.tokenizers.values()
+            ],
+            "generators": [
+                {
+                    "name": g.name,
+                    "image_size": self.tokenizers[g.tokenizer].image_size,
+                    "num_tokens": g.num_tokens,
+                    "token_dim": g.token_dim,
+                    **common,
+                    "num_classes": g.num_classes,
+                    "tokenizer": g.tokenizer,
+                }
+                for g in self.generators.values()
+            ],
+        }
+
+    def streams(self) -> list[tuple[str, str]]:
+        """Every (model, task) this registry can run."""
+        out = [(t, task) for t in self.tokenizers for task in ("tokenize", "reconstruct", "decode")]
+        return out + [(g, "generate") for g in self.generators]
+
+    # --- warm-up ----------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Run every batch bucket once per model, so first requests do not pay for
+        allocation (and compiled backends build their graphs now)."""
+        if not self.loaded:
+            raise RuntimeError("warmup needs a registry built with load_weights=True")
+        buckets = sorted(set(self.settings.batch_buckets))
+        with self.lock:
+            for t in self.tokenizers.values():
+                t.runner.warmup(buckets)
+            for g in self.generators.values():
+                g.runner.warmup(buckets)
+        self.warm = True
+        log.info(
+            "warmed up %d tokenizers, %d generators on buckets %s",
+            len(self.tokenizers),
+            len(self.generators),
+            buckets,
+        )
+
+    def _export_info(self) -> None:
+        common = {
+            "backend": self.backend,
+            "device": str(self.device),
+            "dtype": _dtype_name(self.dtype),
+        }
+        for t in self.tokenizers.values():
+            metrics.MODEL_INFO.labels(
+                model=t.name,
+                kind="tokenizer",
+                tokens=str(t.num_tokens),
+                dim=str(t.token_dim),
+                **common,
+            ).set(1)
+        for g in self.generators.values():
+            metrics.MODEL_INFO.labels(
+                model=g.name,
+                kind="generator",
+                tokens=str(g.num_tokens),
+                dim=str(g.token_dim),
+                **common,
+            ).set(1)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _configured_models(settings):
+    """-> ({tokenizer: path}, {generator: (path, tokenizer)}, (default tok, default gen)).
+    Empty settings fall back to the bundled demo weights that exist on disk."""
+    if settings.tokenizers:
+        gens = {n: (s.path, s.tokenizer) for n, s in settings.generators.items()}
+        return (
+            dict(settings.tokenizers),
+            gens,
+            (settings.default_tokenizer, settings.default_generator),
+        )
+    if settings.generators:
+        raise RegistryError("generators are configured but no tokenizers")
+    from model import demo
+
+    toks = {n: str(demo.demo_path(n)) for n in demo.DEMO_TOKENIZERS if demo.demo_available(n)}
+    gens = {
+        n: (str(demo.demo_path(n)), t)
+        for n, t in demo.DEMO_GENERATORS.items()
+        if t in toks and demo.demo_available(n)
+    }
+    if not toks:
+        raise RegistryError(
+            "no models configured (SOFTVQ_TOKENIZERS) and no bundled demo weights found in "
+            f"{demo.DEMO_WEIGHTS_DIR}"
+        )
+    default_tok = settings.default_tokenizer or (
+        demo.DEFAULT_TOKENIZER if demo.DEFAULT_TOKENIZER in toks else None
+    )
+    default_gen = settings.default_generator or (
+        demo.DEFAULT_GENERATOR if demo.DEFAULT_GENERATOR in gens else None
+    )
+    return toks, gens, (default_tok, default_gen)
