@@ -22,3 +22,60 @@ def tiny_model_dirs(tmp_path_factory):
     """{"tokenizer": dir, "generator": dir} of a tiny pair named "tiny" / "sit-tiny"."""
     tok_dir, gen_dir = save_tiny_pair(tmp_path_factory.mktemp("models"))
     return {"tokenizer": tok_dir, "generator": gen_dir}
+
+
+# --- API fixtures (service/app.py tests) ------------------------------------------------
+@pytest.fixture(scope="session")
+def api_model_root(tmp_path_factory):
+    """Two tiny tokenizer + generator pairs under one root: "tiny" (8 tokens of 8 dims,
+    32 px) with "sit-tiny", and "tiny16" (16 tokens) with "sit-tiny16"."""
+    root = tmp_path_factory.mktemp("api-models")
+    save_tiny_pair(root, "tiny", tokens=8, dim=8, image_size=32, seed=0)
+    save_tiny_pair(root, "tiny16", tokens=16, dim=8, image_size=32, seed=10)
+    return root
+
+
+@pytest.fixture(scope="session")
+def api_env(api_model_root):
+    """SOFTVQ_* environment that serves the tiny models (for ``softvq serve`` subprocesses)."""
+    import json
+
+    root = api_model_root
+    return {
+        "SOFTVQ_MODEL_ROOT": str(root),
+        "SOFTVQ_TOKENIZERS": json.dumps({"tiny": "tiny", "tiny16": "tiny16"}),
+        "SOFTVQ_GENERATORS": json.dumps({
+            "sit-tiny": {"path": "sit-tiny", "tokenizer": "tiny"},
+            "sit-tiny16": {"path": "sit-tiny16", "tokenizer": "tiny16"},
+        }),
+        "SOFTVQ_DEFAULT_TOKENIZER": "tiny",
+        "SOFTVQ_DEFAULT_GENERATOR": "sit-tiny",
+        "SOFTVQ_DEVICE": "cpu",
+        "SOFTVQ_DTYPE": "float32",
+        "SOFTVQ_MAX_WAIT_MS": "5",
+        "SOFTVQ_BATCH_BUCKETS": "[1, 2, 4, 8]",
+        "SOFTVQ_MAX_BATCH_SIZE": "8",
+        "SOFTVQ_MAX_IMAGES_PER_REQUEST": "8",
+        "SOFTVQ_MAX_STEPS": "20",
+        "SOFTVQ_MAX_IMAGE_PIXELS": "1000000",
+        "SOFTVQ_MAX_IMAGE_BYTES": "200000",
+        "SOFTVQ_MAX_BODY_BYTES": "1000000",
+        "SOFTVQ_REQUEST_TIMEOUT_S": "30",
+    }
+
+
+@pytest.fixture(scope="session")
+def api_settings_factory(api_env):
+    """``make(**overrides) -> Settings`` for the tiny models (env-free: explicit values)."""
+    import json
+
+    from service.settings import Settings
+
+    base = {k.removeprefix("SOFTVQ_").lower(): v for k, v in api_env.items()}
+    for k in ("tokenizers", "generators", "batch_buckets"):
+        base[k] = json.loads(base[k])
+
+    def make(**overrides) -> Settings:
+        return Settings(**{**base, **overrides})
+
+    return make

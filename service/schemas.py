@@ -1,0 +1,112 @@
+"""Request and response bodies of the HTTP API (pydantic v2).
+
+Limits that depend on settings or on the chosen model (images per request, steps, class
+ids, token shapes) are checked by the routes, which know both; the static checks here only
+bound what can be parsed at all. Unknown fields are refused so a typo ("cfg" for
+"cfg_scale") is an error, not a silently ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**63 - 1
+MAX_LIST = 4096  # a sanity bound on any list; the real per-request limit is a setting
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- requests --------------------------------------------------------------------------
+class TimeoutField(Strict):
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="per-request deadline in seconds; can only shorten the server's default",
+    )
+
+
+class TokenizeRequest(TimeoutField):
+    images: list[str] = Field(
+        ..., min_length=1, max_length=MAX_LIST, description="base64 PNG / JPEG / WebP images"
+    )
+    model: str | None = Field(
+        None, max_length=200, description="tokenizer name (default: server's)"
+    )
+    format: Literal["list", "base64"] = Field(
+        "list", description="'list': nested token lists; 'base64': little-endian float32 bytes"
+    )
+
+
+class ReconstructRequest(TimeoutField):
+    images: list[str] = Field(..., min_length=1, max_length=MAX_LIST)
+    model: str | None = Field(None, max_length=200)
+
+
+class DecodeRequest(TimeoutField):
+    tokens: list[list[list[float]]] | None = Field(
+        None, max_length=MAX_LIST, description="nested (B, L, D) list"
+    )
+    tokens_b64: str | None = Field(None, description="little-endian bytes of a (B, L, D) array")
+    shape: list[int] | None = Field(None, min_length=3, max_length=3, description="[B, L, D]")
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    model: str | None = Field(None, max_length=200)
+
+
+class GenerateRequest(TimeoutField):
+    class_labels: list[int] | None = Field(
+        None, min_length=1, max_length=MAX_LIST, description="one image per class id"
+    )
+    num_images: int | None = Field(
+        None, ge=1, le=MAX_LIST, description="images with classes drawn from a seeded RNG"
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="image i uses seed + i (default: random)"
+    )
+    seeds: list[int] | None = Field(None, min_length=1, max_length=MAX_LIST)
+    steps: int | None = Field(None, ge=1, description="sampling steps (default 50, capped)")
+    sampler: str = Field("euler", max_length=50, description="euler | heun | euler-maruyama")
+    cfg_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="1.0 = no guidance")
+    guidance_interval: tuple[float, float] = Field(
+        (0.0, 1.0), description="[lo, hi] in [0, 1]: guidance applies for t in this range"
+    )
+    model: str | None = Field(None, max_length=200, description="generator name")
+
+
+# --- responses ------------------------------------------------------------------------------
+class ErrorResponse(BaseModel):
+    error: str
+    message: str
+
+
+class TokenizeResponse(BaseModel):
+    model: str
+    shape: list[int]
+    dtype: str
+    tokens: list[list[list[float]]] | None = None
+    tokens_b64: str | None = None
+    indices: list[list[list[int]]]
+
+
+class ImagesResponse(BaseModel):
+    model: str
+    images: list[str] = Field(description="base64 PNG per image")
+
+
+class ReconstructResponse(ImagesResponse):
+    psnr: list[float | None] = Field(description="dB per image (null if pixel-identical)")
+
+
+class GenerateResponse(ImagesResponse):
+    class_labels: list[int]
+    seeds: list[int]
+    parameters: dict
+
+
+class ModelsResponse(BaseModel):
+    tokenizers: list[dict]
+    generators: list[dict]
