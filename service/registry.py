@@ -91,6 +91,7 @@ class ModelRegistry:
     def __init__(self, settings, device: torch.device, dtype: torch.dtype, backend: str):
         self.settings = settings
         self.device, self.dtype, self.backend = device, dtype, backend
+        self.buckets = sorted(set(settings.batch_buckets))
         self.tokenizers: dict[str, TokenizerEntry] = {}
         self.generators: dict[str, GeneratorEntry] = {}
         self.default_tokenizer: str = ""
@@ -148,7 +149,9 @@ class ModelRegistry:
             vq_mean=float(cfg.vq_mean),
             vq_std=float(cfg.vq_std),
             model=tok,
-            runner=make_tokenizer_runner(tok, self.backend) if tok is not None else None,
+            runner=make_tokenizer_runner(tok, self.backend, buckets=self.buckets)
+            if tok is not None
+            else None,
         )
 
     def _generator_entry(self, name: str, path: Path, tok_name: str, load: bool) -> GeneratorEntry:
@@ -175,7 +178,9 @@ class ModelRegistry:
             num_tokens=cfg.input_size,
             token_dim=cfg.in_channels,
             model=gen,
-            runner=make_generator_runner(gen, self.backend) if gen is not None else None,
+            runner=make_generator_runner(gen, self.backend, buckets=self.buckets)
+            if gen is not None
+            else None,
         )
 
     # --- lookup -----------------------------------------------------------------------
@@ -192,11 +197,8 @@ class ModelRegistry:
         return self.generators[name]
 
     def info(self) -> dict:
-        common = {
-            "backend": self.backend,
-            "device": str(self.device),
-            "dtype": _dtype_name(self.dtype),
-        }
+        """What GET /models shows. ``backend`` is the one a runner actually uses (``auto``
+        resolves to a concrete backend once weights are loaded)."""
         return {
             "tokenizers": [
                 {
@@ -204,7 +206,7 @@ class ModelRegistry:
                     "image_size": t.image_size,
                     "num_tokens": t.num_tokens,
                     "token_dim": t.token_dim,
-                    **common,
+                    **self._common(t),
                 }
                 for t in self.tokenizers.values()
             ],
@@ -214,13 +216,17 @@ class ModelRegistry:
                     "image_size": self.tokenizers[g.tokenizer].image_size,
                     "num_tokens": g.num_tokens,
                     "token_dim": g.token_dim,
-                    **common,
+                    **self._common(g),
                     "num_classes": g.num_classes,
                     "tokenizer": g.tokenizer,
                 }
                 for g in self.generators.values()
             ],
         }
+
+    def _common(self, entry) -> dict[str, str]:
+        backend = getattr(entry.runner, "backend", None) or self.backend
+        return {"backend": backend, "device": str(self.device), "dtype": _dtype_name(self.dtype)}
 
     def streams(self) -> list[tuple[str, str]]:
         """Every (model, task) this registry can run."""
@@ -233,7 +239,7 @@ class ModelRegistry:
         allocation (and compiled backends build their graphs now)."""
         if not self.loaded:
             raise RuntimeError("warmup needs a registry built with load_weights=True")
-        buckets = sorted(set(self.settings.batch_buckets))
+        buckets = self.buckets
         with self.lock:
             for t in self.tokenizers.values():
                 t.runner.warmup(buckets)
@@ -248,27 +254,15 @@ class ModelRegistry:
         )
 
     def _export_info(self) -> None:
-        common = {
-            "backend": self.backend,
-            "device": str(self.device),
-            "dtype": _dtype_name(self.dtype),
-        }
-        for t in self.tokenizers.values():
-            metrics.MODEL_INFO.labels(
-                model=t.name,
-                kind="tokenizer",
-                tokens=str(t.num_tokens),
-                dim=str(t.token_dim),
-                **common,
-            ).set(1)
-        for g in self.generators.values():
-            metrics.MODEL_INFO.labels(
-                model=g.name,
-                kind="generator",
-                tokens=str(g.num_tokens),
-                dim=str(g.token_dim),
-                **common,
-            ).set(1)
+        for kind, entries in (("tokenizer", self.tokenizers), ("generator", self.generators)):
+            for e in entries.values():
+                metrics.MODEL_INFO.labels(
+                    model=e.name,
+                    kind=kind,
+                    tokens=str(e.num_tokens),
+                    dim=str(e.token_dim),
+                    **self._common(e),
+                ).set(1)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

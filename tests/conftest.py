@@ -79,3 +79,77 @@ def api_settings_factory(api_env):
         return Settings(**{**base, **overrides})
 
     return make
+
+
+# --- engine fixtures (registry, batcher, brokers, workers) ------------------------------
+@pytest.fixture
+def redis_server():
+    """A fresh real ``redis-server`` on a free port (killed at the end): ``.url``,
+    ``.kill()``, ``.restart()``. See tests/redis_server.py."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer().start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def engine_settings_factory(tiny_model_dirs):
+    """``make(**overrides) -> Settings`` serving tokenizer "tiny" and generator "sit-tiny"
+    on the CPU in float32, with small batches (env-free: explicit values)."""
+    from service.settings import Settings
+
+    base = {
+        "tokenizers": {"tiny": str(tiny_model_dirs["tokenizer"])},
+        "generators": {"sit-tiny": {"path": str(tiny_model_dirs["generator"]), "tokenizer": "tiny"}},
+        "device": "cpu",
+        "dtype": "float32",
+        "backend": "eager",
+        "max_batch_size": 8,
+        "max_wait_ms": 20,
+        "batch_buckets": [1, 2, 4, 8],
+        "max_steps": 50,
+    }
+
+    def make(**overrides) -> Settings:
+        return Settings(**{**base, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def spawn_worker(engine_settings_factory):
+    """``spawn(redis_url, worker_id, metrics_port=None, **settings) -> Popen`` of a real
+    worker process (``python -m service.worker``) on the tiny models; all are killed at the
+    end of the test. The process env carries the settings as SOFTVQ_* variables."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    procs = []
+    root = Path(__file__).resolve().parent.parent
+
+    def spawn(redis_url: str, worker_id: str, metrics_port: int | None = None, **overrides):
+        s = engine_settings_factory(redis_url=redis_url, **overrides)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTVQ_")}
+        for field, value in s.model_dump().items():
+            if value is None:
+                continue
+            if isinstance(value, (dict, list)):
+                value = json.dumps(value)
+            env[f"SOFTVQ_{field.upper()}"] = str(value)
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+        cmd = [sys.executable, "-m", "service.worker", "--worker-id", worker_id]
+        if metrics_port:
+            cmd += ["--metrics-port", str(metrics_port)]
+        proc = subprocess.Popen(cmd, env=env, cwd=root)
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)

@@ -1,0 +1,257 @@
+"""Redis Streams broker, API side: queue jobs on streams, wait for answers.
+
+Layout in Redis (``p`` = settings.stream_prefix; deploy/ and KEDA read the first two):
+
+    {p}:jobs:{model}:{task}   stream, one per model and task; entries {job: frame, reply: key}
+    {p}-workers               the one consumer group every ``softvq worker`` reads through
+    {p}:reply:{api_id}        list, one per API process: answers pushed by workers (TTL)
+    {p}:done:{job_id}         "already answered" marker (TTL): the first answer wins
+    {p}:cancel:{job_id}       the caller went away (TTL): workers drop the job unrun
+    {p}:worker:{worker_id}    worker heartbeat (TTL)
+
+Flow: ``submit`` XADDs the job through a script that refuses it when the stream already holds
+``queue_max`` entries (QueueFull), then awaits a future. One listener task per API process
+BLPOPs its reply list and resolves futures by job id, so waiting costs no connection per
+request. Workers (service/worker.py) answer through ``ANSWER``, which pushes only if the job
+has no answer yet: a job run twice (its worker was presumed dead) is answered once.
+
+Redis down: every call fails within ``socket_connect_timeout`` and becomes
+BrokerUnavailable; waiters in flight fail at once (their jobs died with Redis); the listener
+reconnects by itself when Redis returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .. import metrics
+from ..jobs import BrokerUnavailable, Job, JobError, JobTimeout, QueueFull
+from ..serialization import dump_job, load_outcome
+from .base import Broker
+
+log = logging.getLogger(__name__)
+
+# Add a job unless its stream is at the bound. KEYS: stream; ARGV: bound, job frame, reply key.
+BOUNDED_ADD = """
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'job', ARGV[2], 'reply', ARGV[3])
+"""
+
+# Answer a job once. KEYS: done marker, reply list; ARGV: outcome frame, ttl seconds.
+ANSWER = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class Keys:
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.group = f"{prefix}-workers"
+
+    def stream(self, model: str, task: str) -> str:
+        return f"{self.prefix}:jobs:{model}:{task}"
+
+    def reply(self, api_id: str) -> str:
+        return f"{self.prefix}:reply:{api_id}"
+
+    def done(self, job_id: str) -> str:
+        return f"{self.prefix}:done:{job_id}"
+
+    def cancel(self, job_id: str) -> str:
+        return f"{self.prefix}:cancel:{job_id}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    @property
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:worker:*"
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client that fails fast when Redis is gone (1 s to connect) but tolerates the short
+    blocking reads (<= 1 s) the broker and workers issue."""
+    return aioredis.from_url(
+        url,
+        socket_connect_timeout=1.0,
+        socket_timeout=5.0,
+        retry_on_timeout=False,
+        health_check_interval=10,
+    )
+
+
+def ttl_seconds(settings) -> int:
+    return max(1, math.ceil(settings.result_ttl_s))
+
+
+class RedisBroker(Broker):
+    def __init__(self, settings, registry=None):
+        if not settings.redis_url:
+            raise ValueError("RedisBroker needs settings.redis_url")
+        self.settings = settings
+        self.registry = registry
+        self.keys = Keys(settings.stream_prefix)
+        self.api_id = uuid.uuid4().hex[:16]
+        self.reply_key = self.keys.reply(self.api_id)
+        self.redis: aioredis.Redis | None = None
+        self._waiters: dict[str, asyncio.Future] = {}
+        self._listener: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
+        self._closing = False
+        self._redis_up = False
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.redis = connect(self.settings.redis_url)
+        self._listener = asyncio.create_task(self._listen(), name="softvq-reply-listener")
+
+    async def stop(self) -> None:
+        """Refuse new jobs, wait (up to their deadlines) for the answers already awaited."""
+        self._closing = True
+        while self._waiters:
+            await asyncio.sleep(0.05)
+        if self._listener is not None:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    # --- submit ---------------------------------------------------------------------------
+    async def submit(self, job: Job) -> dict:
+        if self._closing or self.redis is None:
+            raise BrokerUnavailable(
+                "the server is shutting down" if self._closing else "not started"
+            )
+        if not job.deadline:
+            job.deadline = time.time() + self.settings.request_timeout_s
+        stream = self.keys.stream(job.model, job.task)
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[job.id] = fut
+        entry_id = None
+        try:
+            try:
+                entry_id = await self.redis.eval(
+                    BOUNDED_ADD, 1, stream, self.settings.queue_max, dump_job(job), self.reply_key
+                )
+            except UNAVAILABLE as e:
+                raise BrokerUnavailable(f"Redis is unreachable: {e}") from None
+            except RedisError as e:
+                raise BrokerUnavailable(f"Redis refused the job: {e}") from None
+            if entry_id is None:
+                raise QueueFull(
+                    f"queue for {job.model}/{job.task} is full ({self.settings.queue_max} jobs)"
+                )
+            try:
+                outcome = await asyncio.wait_for(fut, timeout=max(0.0, job.deadline - time.time()))
+            except asyncio.TimeoutError:
+                self._cancel_later(job, stream, entry_id)
+                raise JobTimeout(f"no result within the request deadline ({job.id})") from None
+            except asyncio.CancelledError:
+                self._cancel_later(job, stream, entry_id)  # the client went away
+                raise
+        finally:
+            self._waiters.pop(job.id, None)
+        if isinstance(outcome, JobError):
+            raise outcome
+        return outcome
+
+    def _cancel_later(self, job: Job, stream: str, entry_id) -> None:
+        """Drop a job nobody waits for: delete its entry if no worker took it yet, and mark
+        it cancelled for a worker that already holds it. Runs as its own task because the
+        caller may itself be cancelled."""
+
+        async def cancel():
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.set(self.keys.cancel(job.id), 1, ex=ttl_seconds(self.settings))
+                    pipe.xdel(stream, entry_id)
+                    await pipe.execute()
+            except RedisError as e:
+                log.info("could not cancel job %s: %s", job.id, e)
+
+        task = asyncio.create_task(cancel())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- answers ----------------------------------------------------------------------------
+    async def _listen(self) -> None:
+        while True:
+            try:
+                item = await self.redis.blpop([self.reply_key], timeout=1)
+                self._redis_up = True
+            except asyncio.CancelledError:
+                raise
+            except UNAVAILABLE as e:
+                if self._redis_up or self._waiters:
+                    log.warning(
+                        "Redis unreachable (%s); failing %d waiting jobs", e, len(self._waiters)
+                    )
+                self._redis_up = False
+                self._fail_waiters(BrokerUnavailable("lost the connection to Redis"))
+                await asyncio.sleep(0.2)
+                continue
+            except RedisError as e:
+                log.warning("reply listener: %s", e)
+                await asyncio.sleep(0.2)
+                continue
+            if item is None:
+                continue
+            try:
+                job_id, outcome = load_outcome(item[1])
+            except ValueError as e:
+                log.warning("dropping a malformed answer: %s", e)
+                continue
+            fut = self._waiters.get(job_id)
+            if fut is not None and not fut.done():
+                fut.set_result(outcome)  # a JobError outcome is raised by submit
+
+    def _fail_waiters(self, error: JobError) -> None:
+        for fut in list(self._waiters.values()):
+            if not fut.done():
+                fut.set_exception(error)
+
+    # --- status ---------------------------------------------------------------------------
+    async def ready(self) -> tuple[bool, str]:
+        if self._closing:
+            return False, "shutting down"
+        if self.redis is None:
+            return False, "not started"
+        try:
+            await self.redis.ping()
+            alive = [
+                k async for k in self.redis.scan_iter(match=self.keys.worker_pattern, count=100)
+            ]
+        except RedisError as e:
+            metrics.WORKERS_ALIVE.set(0)
+            return False, f"Redis unreachable: {e}"
+        metrics.WORKERS_ALIVE.set(len(alive))
+        if not alive:
+            return False, "no worker heartbeat"
+        return True, "ok"
+
+    async def queue_depth(self, model: str, task: str) -> int:
+        if self.redis is None:
+            return 0
+        try:
+            depth = int(await self.redis.xlen(self.keys.stream(model, task)))
+        except RedisError as e:
+            raise BrokerUnavailable(f"Redis unreachable: {e}") from None
+        metrics.QUEUE_DEPTH.labels(model=model, task=task).set(depth)
+        return depth
