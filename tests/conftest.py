@@ -44,10 +44,12 @@ def api_env(api_model_root):
     return {
         "SOFTVQ_MODEL_ROOT": str(root),
         "SOFTVQ_TOKENIZERS": json.dumps({"tiny": "tiny", "tiny16": "tiny16"}),
-        "SOFTVQ_GENERATORS": json.dumps({
-            "sit-tiny": {"path": "sit-tiny", "tokenizer": "tiny"},
-            "sit-tiny16": {"path": "sit-tiny16", "tokenizer": "tiny16"},
-        }),
+        "SOFTVQ_GENERATORS": json.dumps(
+            {
+                "sit-tiny": {"path": "sit-tiny", "tokenizer": "tiny"},
+                "sit-tiny16": {"path": "sit-tiny16", "tokenizer": "tiny16"},
+            }
+        ),
         "SOFTVQ_DEFAULT_TOKENIZER": "tiny",
         "SOFTVQ_DEFAULT_GENERATOR": "sit-tiny",
         "SOFTVQ_DEVICE": "cpu",
@@ -101,7 +103,9 @@ def engine_settings_factory(tiny_model_dirs):
 
     base = {
         "tokenizers": {"tiny": str(tiny_model_dirs["tokenizer"])},
-        "generators": {"sit-tiny": {"path": str(tiny_model_dirs["generator"]), "tokenizer": "tiny"}},
+        "generators": {
+            "sit-tiny": {"path": str(tiny_model_dirs["generator"]), "tokenizer": "tiny"}
+        },
         "device": "cpu",
         "dtype": "float32",
         "backend": "eager",
@@ -153,3 +157,13 @@ def spawn_worker(engine_settings_factory):
         if p.poll() is None:
             p.kill()
             p.wait(timeout=10)
+
+
+@pytest.fixture
+def engine_registry(engine_settings_factory):
+    """A fresh, warmed-up ModelRegistry of the tiny models (tests may wrap its runners)."""
+    from service.registry import ModelRegistry
+
+    reg = ModelRegistry.from_settings(engine_settings_factory())
+    reg.warmup()
+    return reg
