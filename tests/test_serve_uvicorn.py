@@ -1,0 +1,205 @@
+"""``softvq serve`` as a real process under uvicorn on a free port, tiny models from SOFTVQ_*
+environment variables, every endpoint over real HTTP (httpx); a client that disconnects has
+its queued work dropped; SIGTERM finishes in-flight requests before exiting."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.redis_server import free_port
+from tests.test_api import b64, decode_png, png
+
+
+def softvq_command() -> list[str]:
+    exe = shutil.which("softvq")
+    return [exe] if exe else [sys.executable, "-m", "service.cli"]
+
+
+def wait_http_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server not ready in time")
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample in Prometheus text output (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        m = re.match(r"^(\w+)(\{[^}]*\})? (\S+)$", line)
+        if m and m.group(1) == name and (m.group(2) or "{}")[1:-1] == want:
+            return float(m.group(3))
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def server(api_env, tmp_path_factory):
+    port = free_port()
+    env = {**os.environ, **api_env, "SOFTVQ_MAX_STEPS": "1000", "SOFTVQ_CORS_ORIGINS": "[]"}
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
+    proc = subprocess.Popen(
+        [*softvq_command(), "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ready(base, proc)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.seek(0)
+        print(log.read()[-3000:])
+        log.close()
+
+
+def test_every_endpoint_over_http(server):
+    base, _ = server
+    with httpx.Client(base_url=base, timeout=60) as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/readyz").json() == {"status": "ready"}
+        models = c.get("/models").json()
+        assert [t["name"] for t in models["tokenizers"]] == ["tiny", "tiny16"]
+        assert c.get("/docs").status_code == 200
+        assert "/generate" in c.get("/openapi.json").json()["paths"]
+
+        blobs = [png(1), png(2)]
+        tok = c.post("/tokenize", json={"images": [b64(b) for b in blobs]}).json()
+        assert tok["shape"] == [2, 8, 8]
+        files = [("image", ("a.png", blobs[0], "image/png"))]
+        multi = c.post("/tokenize", files=files, data={"format": "base64"}).json()
+        raw = np.frombuffer(base64.b64decode(multi["tokens_b64"]), "<f4").reshape(1, 8, 8)
+        # batch of 1 vs 2: equal up to float rounding
+        np.testing.assert_allclose(raw, np.asarray(tok["tokens"][:1], dtype=np.float32), atol=1e-5)
+
+        dec = c.post("/decode", json={"tokens": tok["tokens"]}).json()
+        assert len(dec["images"]) == 2
+        assert decode_png(base64.b64decode(dec["images"][0])).shape == (32, 32, 3)
+        b64tok = {"tokens_b64": multi["tokens_b64"], "shape": [1, 8, 8]}
+        r = c.post("/decode", json=b64tok, headers={"Accept": "image/png"})
+        assert r.headers["content-type"] == "image/png"
+        diff = decode_png(r.content).astype(int) - decode_png(base64.b64decode(dec["images"][0]))
+        assert np.abs(diff).max() <= 1
+
+        rec = c.post("/reconstruct", json={"images": [b64(blobs[0])]}).json()
+        assert len(rec["images"]) == 1 and rec["psnr"][0] > 0
+
+        gen = c.post("/generate", json={"class_labels": [1, 2], "seed": 7, "steps": 3}).json()
+        assert gen["seeds"] == [7, 8] and len(gen["images"]) == 2
+        r = c.post("/generate", json={"steps": 2}, headers={"Accept": "image/png"})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert r.headers["x-seeds"].isdigit()
+
+        bad = c.post("/decode", json={"tokens": [[[float("0")] * 8] * 3]})
+        assert bad.status_code == 422 and bad.json()["error"] == "invalid_tokens"
+        assert c.post("/generate", json={"steps": 5000}).status_code == 422
+        assert c.get("/healthz").status_code == 200
+
+        text = c.get("/metrics").text
+        assert (
+            metric(text, "softvq_requests_total", endpoint="/tokenize", model="tiny", status="200")
+            >= 2
+        )
+        assert (
+            metric(text, "softvq_requests_total", endpoint="/decode", model="tiny", status="422")
+            == 1
+        )
+        assert metric(text, "softvq_images_processed_total", model="sit-tiny", task="generate") >= 3
+
+
+def test_disconnected_client_work_is_dropped(server):
+    """A long job holds the model; a second job queues behind it; its client gives up. The
+    server sees the disconnect, the queued job is dropped unrun (499 in the metrics)."""
+    base, _ = server
+    before = httpx.get(f"{base}/metrics").text
+    images_before = metric(
+        before, "softvq_images_processed_total", model="sit-tiny", task="generate"
+    )
+    gone_before = metric(
+        before, "softvq_requests_total", endpoint="/generate", model="sit-tiny", status="499"
+    )
+    long_result = {}
+
+    def long_request():
+        r = httpx.post(
+            f"{base}/generate", json={"class_labels": [1], "steps": 150, "seed": 1}, timeout=120
+        )
+        long_result["status"] = r.status_code
+
+    t = threading.Thread(target=long_request)
+    t.start()
+    deadline = time.monotonic() + 30  # wait until the long job holds the model
+    while time.monotonic() < deadline:
+        if (
+            metric(
+                httpx.get(f"{base}/metrics").text,
+                "softvq_queue_depth",
+                model="sit-tiny",
+                task="generate",
+            )
+            >= 1
+        ):
+            break
+        time.sleep(0.02)
+    with pytest.raises(httpx.ReadTimeout):  # different steps: cannot join the long batch
+        httpx.post(f"{base}/generate", json={"class_labels": [2, 3], "steps": 149}, timeout=0.5)
+    t.join(120)
+    assert long_result == {"status": 200}
+    time.sleep(0.5)
+    after = httpx.get(f"{base}/metrics").text
+    assert (
+        metric(after, "softvq_requests_total", endpoint="/generate", model="sit-tiny", status="499")
+        == gone_before + 1
+    )
+    assert metric(after, "softvq_queue_depth", model="sit-tiny", task="generate") == 0
+    # only the long job's one image was made; the two of the abandoned job never ran
+    assert (
+        metric(after, "softvq_images_processed_total", model="sit-tiny", task="generate")
+        == images_before + 1
+    )
+
+
+def test_sigterm_finishes_in_flight_requests(server):
+    """Last in this module: it stops the server."""
+    base, proc = server
+    result = {}
+
+    def in_flight():
+        r = httpx.post(f"{base}/generate", json={"class_labels": [4], "steps": 60}, timeout=120)
+        result["status"], result["n"] = r.status_code, len(r.json().get("images", []))
+
+    t = threading.Thread(target=in_flight)
+    t.start()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    t.join(120)
+    assert result == {"status": 200, "n": 1}
+    # uvicorn re-raises the signal after its graceful shutdown: exit by SIGTERM, not a crash
+    assert proc.wait(60) in (0, -signal.SIGTERM)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/healthz", timeout=2)
