@@ -219,8 +219,9 @@ def wants_png(request: Request) -> bool:
     return best == "image/png"
 
 
-def png_response(images: np.ndarray, headers: dict[str, str]) -> Response:
-    return Response(codec.png_single_or_grid(images), media_type="image/png", headers=headers)
+async def png_response(images: np.ndarray, headers: dict[str, str]) -> Response:
+    data = await run_in_threadpool(codec.png_single_or_grid, images)  # CPU work: off the loop
+    return Response(data, media_type="image/png", headers=headers)
 
 
 def image_request_body(schema: type[BaseModel]) -> dict:
@@ -351,10 +352,11 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
             deadline=svc.deadline(req.timeout_s),
         )
         result = await svc.submit(request, job)
-        psnr = [p if p is not None and math.isfinite(p) else None for p in result["psnr"]]
+        # JSON has no Infinity: a pixel-identical reconstruction reports null.
+        psnr = [float(p) if p is not None and math.isfinite(p) else None for p in result["psnr"]]
         if wants_png(request):
             psnr_text = ",".join("inf" if p is None else f"{p:.2f}" for p in psnr)
-            return png_response(result["images"], {"X-Model": tok.name, "X-PSNR": psnr_text})
+            return await png_response(result["images"], {"X-Model": tok.name, "X-PSNR": psnr_text})
         images_b64 = await run_in_threadpool(codec.png_b64_list, result["images"])
         return JSONResponse({"model": tok.name, "images": images_b64, "psnr": psnr})
 
@@ -381,7 +383,7 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
         )
         result = await svc.submit(request, job)
         if wants_png(request):
-            return png_response(result["images"], {"X-Model": tok.name})
+            return await png_response(result["images"], {"X-Model": tok.name})
         images_b64 = await run_in_threadpool(codec.png_b64_list, result["images"])
         return JSONResponse({"model": tok.name, "images": images_b64})
 
@@ -402,7 +404,7 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
         result = await svc.submit(request, job)
         parameters = {**params, "cfg_scale": body.cfg_scale}
         if wants_png(request):
-            return png_response(
+            return await png_response(
                 result["images"],
                 {
                     "X-Model": gen.name,
@@ -516,10 +518,12 @@ async def _refresh_gauges(svc: Service) -> None:
     pairs = [(name, t) for name in reg.tokenizers for t in ("tokenize", "decode", "reconstruct")]
     pairs += [(name, "generate") for name in reg.generators]
     try:
+        # Redis: ready() counts fresh worker heartbeats into WORKERS_ALIVE. Embedded: the
+        # one in-process worker is alive when the broker is ready.
+        ok, _ = await broker.ready()
+        if svc.embedded:
+            metrics.WORKERS_ALIVE.set(1 if ok else 0)
         for name, task in pairs:
             metrics.QUEUE_DEPTH.labels(name, task).set(await broker.queue_depth(name, task))
-        alive = getattr(broker, "workers_alive", None)
-        if alive is not None:
-            metrics.WORKERS_ALIVE.set(await alive())
     except Exception as e:
         log.debug("gauge refresh failed: %s", e)

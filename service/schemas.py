@@ -70,7 +70,12 @@ class GenerateRequest(TimeoutField):
     seeds: list[int] | None = Field(None, min_length=1, max_length=MAX_LIST)
     steps: int | None = Field(None, ge=1, description="sampling steps (default 50, capped)")
     sampler: str = Field("euler", max_length=50, description="euler | heun | euler-maruyama")
-    cfg_scale: float = Field(1.0, ge=0, allow_inf_nan=False, description="1.0 = no guidance")
+    cfg_scale: float = Field(
+        1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="classifier-free guidance scale; 1.0 = no guidance (costs half as much)",
+    )
     guidance_interval: tuple[float, float] = Field(
         (0.0, 1.0), description="[lo, hi] in [0, 1]: guidance applies for t in this range"
     )

@@ -22,9 +22,11 @@ import numpy as np
 import pytest
 import redis
 import torch
+from fastapi.testclient import TestClient
 
 import model
 from model.images import load_image, psnr, tensor_to_uint8
+from service.app import create_app
 from tests.redis_server import RedisServer, free_port
 from tests.test_api import b64, decode_png, png
 from tests.test_serve_uvicorn import metric, softvq_command, wait_http_ready
@@ -302,3 +304,28 @@ def test_worker_sigkilled_while_holding_jobs(cluster):
     text = cluster.worker_metrics(survivor)
     # the survivor took over the victim's jobs (XAUTOCLAIM counts a retry)
     assert metric(text, "softvq_job_retries_total", model="sit-tiny", task="generate") > 0
+
+
+def test_rate_limit_is_shared_by_api_replicas(api_settings_factory):
+    """Two API apps (replicas) on one Redis share each key's token bucket; with Redis gone
+    the limiter refuses fast with 503 instead of hanging or letting traffic through."""
+    with RedisServer() as server:
+        settings = api_settings_factory(
+            redis_url=server.url,
+            api_keys=["key-a", "key-b"],
+            rate_limit_per_s=0.2,
+            rate_limit_burst=3,
+        )
+        with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+            key_a = {"Authorization": "Bearer key-a"}
+            codes = [c.get("/models", headers=key_a).status_code for c in (a, b, a, b)]
+            assert codes == [200, 200, 200, 429]
+            assert b.get("/models", headers={"Authorization": "Bearer key-b"}).status_code == 200
+            assert a.get("/models").status_code == 401
+            server.kill()
+            t0 = time.monotonic()
+            r = a.get("/models", headers={"Authorization": "Bearer key-b"})
+            assert r.status_code == 503 and r.json()["error"] == "broker_unavailable"
+            assert time.monotonic() - t0 < 5
+            assert a.get("/healthz").status_code == 200
+            assert a.get("/readyz").status_code == 503
