@@ -24,3 +24,7 @@ def demo_path(name: str) -> Path:
 def demo_available(name: str) -> bool:
     p = demo_path(name)
     return (p / "config.json").is_file() and (p / "model.safetensors").is_file()
+
+
+# The small CNN that judges generated images in the quality checks (not served).
+JUDGE_CLASSIFIER = "judge-classifier"

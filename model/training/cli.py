@@ -1,7 +1,217 @@
-"""Training subcommands (to be filled in by the training work)."""
+"""Training subcommands of ``softvq``: train-tokenizer, train-generator, train-demo,
+evaluate-demo."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .loop import set_threads
+
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser("train-tokenizer", help="train a SoftVQ tokenizer (resumable)")
+    _common(p)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=64, help="latent tokens L")
+    p.add_argument("--token-dim", type=int, default=16, help="token width D")
+    p.add_argument("--codebook-size", type=int, default=256)
+    p.add_argument("--codebooks", type=int, default=4)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--width", type=int, default=96, help="ViT width (encoder and decoder)")
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--grad-weight", type=float, default=0.5, help="weight of the image-gradient (edge) L1 term"
+    )
+    p.add_argument("--entropy-weight", type=float, default=0.01)
+    p.set_defaults(func=_train_tokenizer)
+
+    p = sub.add_parser("train-generator", help="train a SiT on a tokenizer's latents (resumable)")
+    _common(p)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--class-dropout", type=float, default=0.1)
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=20_000,
+        help="built-in set: images encoded once for training",
+    )
+    p.set_defaults(func=_train_generator)
+
+    p = sub.add_parser("train-demo", help="retrain every bundled demo model from scratch")
+    p.add_argument("--work-dir", default="runs/demo", help="checkpoints and results (resumable)")
+    p.add_argument(
+        "--out-dir",
+        default=None,
+        help="where finished models are copied (default: the bundled demo_weights)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every step count (e.g. 0.01 for a smoke run)",
+    )
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_train_demo)
+
+    p = sub.add_parser("evaluate-demo", help="quality numbers and grid of the demo models")
+    p.add_argument("--weights-dir", default=None, help="default: the bundled demo_weights")
+    p.add_argument("--psnr-images", type=int, default=500)
+    p.add_argument("--per-class", type=int, default=20, help="generated images per class")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", default="heun")
+    p.add_argument("--cfg-scale", type=float, default=3.0)
+    p.add_argument("--grid", default=None, help="write a PNG grid (a row per class) here")
+    p.add_argument("--json", default=None, help="write the numbers here")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=_evaluate_demo)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data",
+        default="shapes",
+        help='"shapes" (built-in procedural set) or a folder of class sub-folders',
+    )
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt", default=None, help="checkpoint file (default: <out>.ckpt.pt)")
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: <= 2)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _check_data(data: str) -> None:
+    from service.cli import UsageError
+
+    if data != "shapes" and not Path(data).is_dir():
+        raise UsageError(f'--data must be "shapes" or a folder of class sub-folders, got {data!r}')
+
+
+def _train_tokenizer(args) -> int:
+    from .tokenizer_trainer import TokenizerTrainConfig, train_tokenizer
+
+    _check_data(args.data)
+    set_threads(args.threads)
+    vit = {"embed_dim": args.width, "depth": args.depth, "num_heads": args.heads}
+    cfg = TokenizerTrainConfig(
+        out=args.out,
+        data=args.data,
+        image_size=args.image_size,
+        num_tokens=args.tokens,
+        token_dim=args.token_dim,
+        codebook_size=args.codebook_size,
+        num_codebooks=args.codebooks,
+        patch_size=args.patch_size,
+        enc=dict(vit),
+        dec=dict(vit),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        grad_weight=args.grad_weight,
+        entropy_weight=args.entropy_weight,
+        seed=args.seed,
+        ckpt=args.ckpt,
+        ckpt_every=args.ckpt_every,
+    )
+    train_tokenizer(cfg, quiet=args.quiet)
+    return 0
+
+
+def _train_generator(args) -> int:
+    from service.cli import UsageError
+
+    from .generator_trainer import GeneratorTrainConfig, train_generator
+
+    _check_data(args.data)
+    if not (Path(args.tokenizer) / "config.json").is_file():
+        raise UsageError(f"--tokenizer {args.tokenizer}: no config.json there")
+    set_threads(args.threads)
+    cfg = GeneratorTrainConfig(
+        out=args.out,
+        tokenizer=args.tokenizer,
+        data=args.data,
+        hidden_size=args.hidden,
+        depth=args.depth,
+        num_heads=args.heads,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        class_dropout=args.class_dropout,
+        train_size=args.train_size,
+        seed=args.seed,
+        ckpt=args.ckpt,
+        ckpt_every=args.ckpt_every,
+    )
+    train_generator(cfg, quiet=args.quiet)
+    return 0
+
+
+def _train_demo(args) -> int:
+    from .. import demo
+    from .recipe import train_demo
+
+    set_threads(args.threads)
+    out_dir = Path(args.out_dir) if args.out_dir else demo.DEMO_WEIGHTS_DIR
+    t0 = time.time()
+    finished = train_demo(Path(args.work_dir), scale=args.scale, quiet=args.quiet)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, path in finished.items():
+        dest = out_dir / name
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(path, dest)
+    print(f"train-demo: done in {(time.time() - t0) / 60:.1f} min; models in {out_dir}")
+    return 0
+
+
+def _evaluate_demo(args) -> int:
+    from .. import demo
+    from ..loading import load_generator, load_tokenizer
+    from .classifier import load_judge
+    from .evaluate import GenerationSettings, class_grid, evaluate_pair
+
+    set_threads(args.threads)
+    root = Path(args.weights_dir) if args.weights_dir else demo.DEMO_WEIGHTS_DIR
+    judge = load_judge(root / demo.JUDGE_CLASSIFIER)
+    settings = GenerationSettings(steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale)
+    results, grids = {}, []
+    for gen_name, tok_name in demo.DEMO_GENERATORS.items():
+        t0 = time.time()
+        tok, gen = load_tokenizer(root / tok_name), load_generator(root / gen_name)
+        r = evaluate_pair(tok, gen, judge, args.psnr_images, args.per_class, settings)
+        grids.append(r.pop("_images"))
+        r["seconds"] = round(time.time() - t0, 1)
+        results[f"{tok_name} + {gen_name}"] = r
+        print(
+            f"{tok_name}: PSNR {r['psnr_mean']:.2f} dB on {args.psnr_images} held-out images "
+            f"(min {r['psnr_min']:.2f}) | {gen_name}: class accuracy {r['accuracy']:.3f} "
+            f"with cfg {settings.cfg_scale}, {settings.steps} {settings.sampler} steps | "
+            f"diversity ratio {r['diversity_ratio_mean']:.3f} "
+            f"(min {r['diversity_ratio_min']:.3f})"
+        )
+    if args.grid:
+        # The default generator's samples: a row per class, 10 per row.
+        class_grid(
+            grids[list(demo.DEMO_GENERATORS).index(demo.DEFAULT_GENERATOR)],
+            args.per_class,
+            columns=min(10, args.per_class),
+        ).save(args.grid)
+        print(f"grid: {args.grid}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0

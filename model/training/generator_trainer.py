@@ -1,0 +1,152 @@
+"""Train a class-conditional SiT on a tokenizer's normalised latents.
+
+Flow matching on the linear path of the spec (section 4): t = 1 is noise, t = 0 is data,
+x_t = (1 - t) x_0 + t eps, and the model regresses the velocity v = eps - x_0 (MSE).
+t is drawn "lognormal": t = sigmoid(n), n ~ N(0, 1). Labels are replaced by the null class
+(id = num_classes) with probability ``class_dropout`` so classifier-free guidance works.
+
+The latents x_0 = (z_q - vq_mean) / vq_std of the training images are computed once with the
+tokenizer (vq_mean / vq_std come from its config.json, measured on its training latents) and
+cached next to the checkpoint, so each training step costs only the SiT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..loading import load_tokenizer, save_generator
+from ..sit import GeneratorConfig, SiT
+from ..tokenizer import SoftVQTokenizer
+from .data import open_source
+from .ema import EMA
+from .loop import load_checkpoint, lr_at, make_optimizer, progress, save_checkpoint, set_lr
+
+
+@dataclass
+class GeneratorTrainConfig:
+    out: str  # model directory written at the end
+    tokenizer: str  # tokenizer directory
+    data: str = "shapes"
+    hidden_size: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    class_dropout: float = 0.1
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 200
+    ema_decay: float = 0.999
+    train_size: int = 20_000  # images of the built-in set encoded once (folders: all images)
+    seed: int = 0
+    ckpt: str | None = None  # default: <out>.ckpt.pt; the latent cache sits beside it
+    ckpt_every: int = 500
+
+    def checkpoint_path(self) -> Path:
+        return Path(self.ckpt) if self.ckpt else Path(str(self.out).rstrip("/") + ".ckpt.pt")
+
+    def latents_path(self) -> Path:
+        return self.checkpoint_path().with_suffix(".latents.safetensors")
+
+
+@torch.no_grad()
+def encode_dataset(tok: SoftVQTokenizer, dataset, batch_size: int = 100, quiet: bool = False):
+    """All images -> normalised latents (N, L, D) float32 and labels (N,)."""
+    xs, ys = [], []
+    bar = progress(len(dataset), 0, "encoding latents", quiet)
+    for start in range(0, len(dataset), batch_size):
+        images, labels = dataset.batch(range(start, min(len(dataset), start + batch_size)))
+        xs.append((tok.encode(images) - tok.vq_mean) / tok.vq_std)
+        ys.append(labels)
+        bar.update(len(labels))
+    bar.close()
+    return torch.cat(xs).float(), torch.cat(ys).long()
+
+
+def flow_matching_loss(gen: SiT, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x0 (B, L, D) normalised latents, y (B,) labels -> MSE to the velocity eps - x0."""
+    B = x0.shape[0]
+    t = torch.sigmoid(torch.randn(B))  # lognormal: t = s / (1 + s), s = exp(n)
+    eps = torch.randn_like(x0)
+    tb = t[:, None, None]
+    x_t = (1 - tb) * x0 + tb * eps
+    return F.mse_loss(gen(x_t, t, y), eps - x0)
+
+
+def train_generator(cfg: GeneratorTrainConfig, quiet: bool = False, stop_after: int | None = None):
+    """Train (or resume) and save the EMA generator to ``cfg.out``; returns [(step, loss)]."""
+    torch.manual_seed(cfg.seed)
+    tok = load_tokenizer(cfg.tokenizer)
+    source = open_source(cfg.data, tok.image_size, size=cfg.train_size, seed=cfg.seed)
+    cache = cfg.latents_path()
+    if cache.is_file():
+        saved = load_file(str(cache))
+        latents, labels = saved["latents"], saved["labels"]
+    else:
+        latents, labels = encode_dataset(tok, source.dataset, quiet=quiet)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": latents, "labels": labels}, str(cache))
+    del tok
+    gcfg = GeneratorConfig(
+        input_size=latents.shape[1],
+        in_channels=latents.shape[2],
+        hidden_size=cfg.hidden_size,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        num_classes=source.num_classes,
+        class_dropout_prob=cfg.class_dropout,
+        tokenizer=Path(cfg.tokenizer).name,
+    )
+    gen = SiT(gcfg)
+    gen.initialize_weights()
+    gen.train()
+    ema = EMA(gen, cfg.ema_decay)
+    opt = make_optimizer(gen, cfg.lr, cfg.weight_decay)
+    ckpt = cfg.checkpoint_path()
+    step, history = 0, []
+    if ckpt.is_file():
+        step, extra = load_checkpoint(ckpt, gen, ema, opt)
+        history = [tuple(h) for h in extra.get("history", [])]
+        if not quiet:
+            print(f"resuming {ckpt} at step {step}")
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = progress(cfg.steps, step, f"generator {Path(cfg.out).name}", quiet)
+    t0 = time.time()
+    n = latents.shape[0]
+    while step < end:
+        # The batch order depends only on (seed, step), so a resumed run sees the same data.
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
+        set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
+        loss = flow_matching_loss(gen, latents[idx], labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
+        opt.step()
+        ema.update(gen)
+        step += 1
+        history.append((step, loss.item()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if step % cfg.ckpt_every == 0 or step == end:
+            save_checkpoint(ckpt, step, gen, ema, opt, {"history": history})
+    bar.close()
+    if step >= cfg.steps:
+        save_generator(ema.model, cfg.out)
+        meta = {
+            "trained_with": dataclasses.asdict(cfg),
+            "classes": list(source.classes),
+            "last_session_seconds": round(time.time() - t0, 1),
+        }
+        (Path(cfg.out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+        if not quiet:
+            print(f"saved {cfg.out}")
+    return history

@@ -1,0 +1,211 @@
+"""Train a SoftVQ tokenizer from scratch.
+
+Loss = L1 + L2 on pixels
+     + ``grad_weight`` * L1 between the image gradients (finite differences) of the
+       reconstruction and the target: a cheap high-frequency term that sharpens edges
+       without any downloaded network
+     + ``entropy_weight`` * (mean per-token assignment entropy - entropy of the mean
+       assignment): the quantizer's entropy regularisation (confident tokens, used codebooks).
+
+AdamW, warm-up + cosine learning rate, EMA weights (the EMA model is what gets saved), a
+checkpoint every ``ckpt_every`` steps that resumes exactly. At the end the latent statistics
+vq_mean / vq_std are measured on training images and stored in the saved config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..loading import save_tokenizer
+from ..tokenizer import SoftVQTokenizer, TokenizerConfig
+from .data import batches, open_source
+from .ema import EMA
+from .loop import (
+    load_checkpoint,
+    lr_at,
+    make_optimizer,
+    progress,
+    save_checkpoint,
+    set_lr,
+)
+
+
+@dataclass
+class TokenizerTrainConfig:
+    out: str  # model directory written at the end (config.json + model.safetensors)
+    data: str = "shapes"  # "shapes" or a folder of class sub-folders
+    image_size: int = 64
+    num_tokens: int = 64
+    token_dim: int = 16
+    codebook_size: int = 256
+    num_codebooks: int = 4
+    patch_size: int = 8
+    enc: dict[str, int] = field(
+        default_factory=lambda: {"embed_dim": 128, "depth": 4, "num_heads": 4}
+    )
+    dec: dict[str, int] = field(
+        default_factory=lambda: {"embed_dim": 128, "depth": 4, "num_heads": 4}
+    )
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 200
+    ema_decay: float = 0.999
+    grad_weight: float = 0.5
+    entropy_weight: float = 0.01
+    train_size: int = 200_000  # images of the built-in set to draw from (ignored for folders)
+    seed: int = 0
+    ckpt: str | None = None  # default: <out>.ckpt.pt
+    ckpt_every: int = 250
+    stats_images: int = 2000  # training images used to measure vq_mean / vq_std
+    # LayerScale start value. timm's 1e-5 (right for deep ViTs fine-tuned for days) leaves a
+    # shallow ViT nearly an identity map for the first thousand steps; short runs need more.
+    layerscale_init: float = 0.5
+
+    def checkpoint_path(self) -> Path:
+        return Path(self.ckpt) if self.ckpt else Path(str(self.out).rstrip("/") + ".ckpt.pt")
+
+    def model_config(self) -> TokenizerConfig:
+        return TokenizerConfig(
+            image_size=self.image_size,
+            enc_patch_size=self.patch_size,
+            dec_patch_size=self.patch_size,
+            num_latent_tokens=self.num_tokens,
+            codebook_embed_dim=self.token_dim,
+            codebook_size=self.codebook_size,
+            num_codebooks=self.num_codebooks,
+            tiny_overrides={"enc": dict(self.enc), "dec": dict(self.dec)},
+        )
+
+
+def soft_assignments(tok: SoftVQTokenizer, z: torch.Tensor) -> torch.Tensor:
+    """The quantizer's softmax over codewords for pre-quant latents z (B, L, D):
+    (B, G, L/G, K). Same math as ``SoftVectorQuantizer.forward``; needed for the entropy term."""
+    q = tok.quantize
+    B, L, D = z.shape
+    z = z.reshape(B, q.num_codebooks, L // q.num_codebooks, D)
+    codebook = q.embedding
+    if q.l2_norm:
+        z, codebook = F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
+    return torch.softmax(torch.einsum("bgnd,gkd->bgnk", z, codebook) / q.tau, dim=-1)
+
+
+def entropy_loss(probs: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy (pushed down: confident assignments) minus the entropy of the
+    batch-average assignment per codebook (pushed up: all codewords used)."""
+    eps = 1e-8
+    per_token = -(probs * (probs + eps).log()).sum(-1).mean()
+    avg = probs.mean(dim=(0, 2))  # (G, K)
+    codebook = -(avg * (avg + eps).log()).sum(-1).mean()
+    return per_token - codebook
+
+
+def gradient_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    dx = lambda a: a[..., :, 1:] - a[..., :, :-1]  # noqa: E731
+    dy = lambda a: a[..., 1:, :] - a[..., :-1, :]  # noqa: E731
+    return F.l1_loss(dx(x), dx(y)) + F.l1_loss(dy(x), dy(y))
+
+
+def tokenizer_loss(tok: SoftVQTokenizer, images: torch.Tensor, cfg: TokenizerTrainConfig):
+    """images (B, 3, S, S) -> (total loss, dict of parts for logging)."""
+    z = tok.encode_pre_quant(images)
+    z_q, _ = tok.quantize(z)
+    recon = tok.decoder(tok.post_quant_conv(z_q))
+    l1 = F.l1_loss(recon, images)
+    l2 = F.mse_loss(recon, images)
+    total = l1 + l2
+    parts = {"l1": l1.item(), "l2": l2.item()}
+    if cfg.grad_weight:
+        g = gradient_loss(recon, images)
+        total = total + cfg.grad_weight * g
+        parts["grad"] = g.item()
+    if cfg.entropy_weight:
+        e = entropy_loss(soft_assignments(tok, z))
+        total = total + cfg.entropy_weight * e
+        parts["ent"] = e.item()
+    return total, parts
+
+
+@torch.no_grad()
+def measure_latent_stats(tok: SoftVQTokenizer, dataset, count: int, batch_size: int = 100):
+    """Scalar mean and std of the quantized tokens z_q over ``count`` training images."""
+    n = min(count, len(dataset))
+    total, total_sq, elems = 0.0, 0.0, 0
+    for start in range(0, n, batch_size):
+        images, _ = dataset.batch(range(start, min(n, start + batch_size)))
+        z = tok.encode(images).double()
+        total += float(z.sum())
+        total_sq += float((z**2).sum())
+        elems += z.numel()
+    mean = total / elems
+    std = max(total_sq / elems - mean**2, 1e-12) ** 0.5
+    return mean, std
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig, quiet: bool = False, stop_after: int | None = None):
+    """Train (or resume) and save the EMA tokenizer to ``cfg.out``. ``stop_after`` ends the run
+    early after that many total steps without saving the model (used to test resuming).
+    Returns the list of (step, loss) logged."""
+    torch.manual_seed(cfg.seed)
+    source = open_source(cfg.data, cfg.image_size, size=cfg.train_size, seed=cfg.seed)
+    tok = SoftVQTokenizer(cfg.model_config())
+    tok.initialize_weights()
+    for vit in (tok.encoder.model, tok.decoder.model):
+        for block in vit.blocks:
+            torch.nn.init.constant_(block.ls1.gamma, cfg.layerscale_init)
+            torch.nn.init.constant_(block.ls2.gamma, cfg.layerscale_init)
+    tok.train()
+    ema = EMA(tok, cfg.ema_decay)
+    opt = make_optimizer(tok, cfg.lr, cfg.weight_decay)
+    ckpt = cfg.checkpoint_path()
+    step, history = 0, []
+    if ckpt.is_file():
+        step, extra = load_checkpoint(ckpt, tok, ema, opt)
+        history = [tuple(h) for h in extra.get("history", [])]
+        if not quiet:
+            print(f"resuming {ckpt} at step {step}")
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = progress(cfg.steps, step, f"tokenizer {Path(cfg.out).name}", quiet)
+    data = batches(source.dataset, cfg.batch_size, cfg.seed, start_step=step)
+    t0 = time.time()
+    while step < end:
+        images, _ = next(data)
+        set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
+        loss, parts = tokenizer_loss(tok, images, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
+        opt.step()
+        ema.update(tok)
+        step += 1
+        history.append((step, loss.item()))
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()}, refresh=False)
+        if step % cfg.ckpt_every == 0 or step == end:
+            save_checkpoint(ckpt, step, tok, ema, opt, {"history": history})
+    bar.close()
+    if step >= cfg.steps:
+        finish(cfg, ema.model, source, time.time() - t0, quiet)
+    return history
+
+
+def finish(cfg: TokenizerTrainConfig, tok: SoftVQTokenizer, source, seconds: float, quiet: bool):
+    mean, std = measure_latent_stats(tok, source.dataset, cfg.stats_images)
+    tok.config.vq_mean, tok.config.vq_std = mean, std
+    save_tokenizer(tok, cfg.out)
+    meta = {
+        "trained_with": dataclasses.asdict(cfg),
+        "classes": list(source.classes),
+        "last_session_seconds": round(seconds, 1),
+    }
+    (Path(cfg.out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if not quiet:
+        print(f"saved {cfg.out} (vq_mean {mean:.5f}, vq_std {std:.5f})")

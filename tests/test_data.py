@@ -1,0 +1,99 @@
+"""The built-in procedural data set and the image-folder data set."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from model.training.data import (
+    CLASSES,
+    NUM_CLASSES,
+    ImageFolderSet,
+    ProceduralShapes,
+    batches,
+    open_source,
+)
+
+
+def test_at_least_ten_classes_with_names():
+    assert NUM_CLASSES >= 10
+    assert len(set(CLASSES)) == NUM_CLASSES
+
+
+def test_deterministic_per_seed_and_independent_of_size_and_order():
+    a = ProceduralShapes(50, seed=3, image_size=64)
+    b = ProceduralShapes(5000, seed=3, image_size=64)
+    xa, ya = a.batch([4, 17, 33])
+    xb, yb = b.batch([33, 4, 17])
+    assert torch.equal(xa, xb[[1, 2, 0]])
+    assert torch.equal(ya, yb[[1, 2, 0]])
+    single, label = a[17]
+    assert torch.equal(single, xa[1]) and label == int(ya[1])
+
+
+def test_other_seed_gives_other_images():
+    x0, _ = ProceduralShapes(20, seed=0).batch(range(20))
+    x1, _ = ProceduralShapes(20, seed=1).batch(range(20))
+    assert (x0 - x1).abs().flatten(1).amax(1).min() > 0.1
+
+
+def test_images_shape_range_labels_and_variety():
+    ds = ProceduralShapes(40, seed=0, image_size=64)
+    x, y = ds.batch(range(40))
+    assert x.shape == (40, 3, 64, 64) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1
+    assert sorted(set(y.tolist())) == list(range(NUM_CLASSES))
+    # Random colours, positions and sizes: no two images of a class are alike.
+    for c in range(NUM_CLASSES):
+        imgs = x[y == c]
+        assert (imgs[0] - imgs[1]).abs().mean() > 0.05
+    # Every image has a visible foreground: not a near-flat picture.
+    assert (x.flatten(2).std(-1).amax(1) > 0.05).all()
+
+
+def test_other_sizes_render():
+    x, _ = ProceduralShapes(10, image_size=96).batch(range(10))
+    assert x.shape == (10, 3, 96, 96)
+
+
+def test_out_of_range_index_is_an_error():
+    ds = ProceduralShapes(5)
+    try:
+        ds.batch([5])
+    except IndexError:
+        return
+    raise AssertionError("index 5 of a 5-image set was accepted")
+
+
+def test_batches_resume_exactly():
+    ds = ProceduralShapes(30, seed=0, image_size=32)
+    full = batches(ds, 8, seed=5)
+    seen = [next(full)[1] for _ in range(6)]  # crosses an epoch boundary (3 per epoch)
+    resumed = batches(ds, 8, seed=5, start_step=4)
+    assert torch.equal(next(resumed)[1], seen[4])
+    assert torch.equal(next(resumed)[1], seen[5])
+
+
+def test_image_folder_set(tmp_path):
+    colours = {"cats": (200, 10, 10), "dogs": (10, 10, 200)}
+    for name, rgb in colours.items():
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (40 + i, 30), rgb).save(tmp_path / name / f"{i}.png")
+    (tmp_path / "dogs" / "notes.txt").write_text("not an image")
+    src = open_source(str(tmp_path), image_size=32)
+    assert src.classes == ("cats", "dogs") and src.num_classes == 2
+    ds = src.dataset
+    assert isinstance(ds, ImageFolderSet) and len(ds) == 6
+    x, y = ds.batch(range(6))
+    assert x.shape == (6, 3, 32, 32) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert x[0, 0].mean() > 0.5 and x[5, 2].mean() > 0.5  # red cats, blue dogs
+
+
+def test_image_folder_without_classes_is_an_error(tmp_path):
+    try:
+        ImageFolderSet(tmp_path)
+    except ValueError as e:
+        assert "no class sub-folders" in str(e)
+        return
+    raise AssertionError("an empty folder was accepted")

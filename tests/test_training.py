@@ -1,0 +1,233 @@
+"""Training: losses go down, checkpoints resume exactly, latent statistics are measured,
+the CLI trains on a user's folder of class sub-folders."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import model
+from model.training.classifier import load_judge, train_judge
+from model.training.data import ProceduralShapes
+from model.training.generator_trainer import GeneratorTrainConfig, train_generator
+from model.training.tokenizer_trainer import (
+    TokenizerTrainConfig,
+    measure_latent_stats,
+    train_tokenizer,
+)
+from service.cli import main
+
+TINY_VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+def tok_config(out, **kw) -> TokenizerTrainConfig:
+    base = dict(
+        out=str(out),
+        image_size=32,
+        num_tokens=8,
+        token_dim=8,
+        codebook_size=32,
+        patch_size=8,
+        enc=dict(TINY_VIT),
+        dec=dict(TINY_VIT),
+        steps=6,
+        batch_size=8,
+        lr=3e-3,
+        warmup=2,
+        ckpt_every=2,
+        stats_images=40,
+        train_size=400,
+    )
+    base.update(kw)
+    return TokenizerTrainConfig(**base)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def same_weights(a, b) -> bool:
+    sa, sb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_tokenizer_loss_goes_down(tmp_path):
+    history = train_tokenizer(tok_config(tmp_path / "tok", steps=60, ckpt_every=1000), quiet=True)
+    losses = [loss for _, loss in history]
+    assert statistics.mean(losses[-10:]) < 0.7 * statistics.mean(losses[:5])
+
+
+def test_tokenizer_resumes_exactly_and_stores_latent_stats(tmp_path):
+    straight = tok_config(tmp_path / "a")
+    train_tokenizer(straight, quiet=True)
+    resumed = tok_config(tmp_path / "b")
+    train_tokenizer(resumed, quiet=True, stop_after=3)  # "killed" after step 3 (ckpt at 2, 3)
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+    train_tokenizer(resumed, quiet=True)
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+
+    tok = model.load_tokenizer(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["vq_std"] != 1.0  # measured, not the default
+    data = ProceduralShapes(400, seed=0, image_size=32)
+    mean, std = measure_latent_stats(tok, data, 40)
+    assert cfg["vq_mean"] == pytest.approx(mean) and cfg["vq_std"] == pytest.approx(std)
+    images, _ = data.batch(range(40))
+    z = tok.encode(images)
+    assert float(z.std()) == pytest.approx(std, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_tokenizer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    train_tokenizer(tok_config(out, steps=4), quiet=True)
+    return out
+
+
+def gen_config(out, tokenizer, **kw) -> GeneratorTrainConfig:
+    base = dict(
+        out=str(out),
+        tokenizer=str(tokenizer),
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        steps=6,
+        batch_size=32,
+        lr=3e-3,
+        warmup=2,
+        train_size=100,
+        ckpt_every=2,
+    )
+    base.update(kw)
+    return GeneratorTrainConfig(**base)
+
+
+def test_generator_loss_goes_down(tmp_path, trained_tiny_tokenizer):
+    cfg = gen_config(tmp_path / "gen", trained_tiny_tokenizer, steps=80, ckpt_every=1000)
+    history = train_generator(cfg, quiet=True)
+    losses = [loss for _, loss in history]
+    assert statistics.mean(losses[-10:]) < 0.8 * statistics.mean(losses[:5])
+    gen = model.load_generator(tmp_path / "gen")
+    tok = model.load_tokenizer(trained_tiny_tokenizer)
+    assert (gen.num_tokens, gen.token_dim) == (tok.num_tokens, tok.token_dim)
+    assert gen.num_classes == 10 and gen.config.tokenizer == "tok"
+    # The saved generator runs through the public pipeline, guidance included.
+    images = model.generate(tok, gen, [0, 3], [1, 2], steps=2, cfg_scale=2.0)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_generator_resumes_exactly(tmp_path, trained_tiny_tokenizer):
+    train_generator(gen_config(tmp_path / "a", trained_tiny_tokenizer), quiet=True)
+    cfg_b = gen_config(tmp_path / "b", trained_tiny_tokenizer)
+    train_generator(cfg_b, quiet=True, stop_after=3)
+    train_generator(cfg_b, quiet=True)
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def test_generator_latents_are_normalised_with_the_tokenizer_stats(
+    tmp_path, trained_tiny_tokenizer
+):
+    cfg = gen_config(tmp_path / "g", trained_tiny_tokenizer, steps=1)
+    train_generator(cfg, quiet=True)
+    cached = load_file(str(cfg.latents_path()))
+    tok = model.load_tokenizer(trained_tiny_tokenizer)
+    images, labels = ProceduralShapes(100, seed=0, image_size=32).batch(range(100))
+    expected = (tok.encode(images) - tok.vq_mean) / tok.vq_std
+    torch.testing.assert_close(cached["latents"], expected)
+    assert torch.equal(cached["labels"], labels)
+    # Measured on the same training images, so the normalised latents are ~zero-mean, unit-std.
+    assert abs(float(expected.mean())) < 0.1 and float(expected.std()) == pytest.approx(1, abs=0.1)
+
+
+def test_judge_trains_and_round_trips(tmp_path):
+    acc = train_judge(tmp_path / "judge", steps=3, batch_size=8, image_size=32, quiet=True)
+    assert 0.0 <= acc <= 1.0
+    judge = load_judge(tmp_path / "judge")
+    images, _ = ProceduralShapes(6, image_size=32).batch(range(6))
+    assert judge.predict(images).shape == (6,)
+
+
+def test_cli_trains_on_a_folder_of_class_folders(tmp_path):
+    data = tmp_path / "data"
+    for name, rgb in {"red": (220, 20, 20), "blue": (20, 20, 220), "green": (20, 220, 20)}.items():
+        (data / name).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (48, 40), tuple(c + 7 * i for c in rgb)).save(data / name / f"{i}.png")
+    tok_dir, gen_dir = tmp_path / "tok", tmp_path / "gen"
+    common = ["--data", str(data), "--quiet", "--threads", "1", "--steps", "3"]
+    assert (
+        main(
+            [
+                "train-tokenizer",
+                "--out",
+                str(tok_dir),
+                "--image-size",
+                "32",
+                "--tokens",
+                "8",
+                "--token-dim",
+                "8",
+                "--codebook-size",
+                "16",
+                "--width",
+                "32",
+                "--depth",
+                "1",
+                "--heads",
+                "2",
+                "--batch-size",
+                "4",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train-generator",
+                "--out",
+                str(gen_dir),
+                "--tokenizer",
+                str(tok_dir),
+                "--hidden",
+                "32",
+                "--depth",
+                "1",
+                "--heads",
+                "2",
+                "--batch-size",
+                "8",
+                *common,
+            ]
+        )
+        == 0
+    )
+    gen = model.load_generator(gen_dir)
+    assert gen.num_classes == 3
+    meta = json.loads((tok_dir / "training.json").read_text())
+    assert meta["classes"] == ["blue", "green", "red"]
+
+
+def test_cli_rejects_missing_data_folder(tmp_path, capsys):
+    code = main(
+        [
+            "train-tokenizer",
+            "--out",
+            str(tmp_path / "t"),
+            "--data",
+            str(tmp_path / "nope"),
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    assert "--data" in capsys.readouterr().err
