@@ -415,3 +415,72 @@ def test_base64_variants_accepted(client):
         for s in (b64(data), urlsafe, data_url, wrapped)
     ]
     assert all(t == tokens[0] for t in tokens)
+
+
+# --- fuzzing: random JSON at every endpoint never gets a 5xx --------------------------------
+FIELDS = {
+    "/tokenize": ["images", "model", "format", "timeout_s"],
+    "/reconstruct": ["images", "model", "timeout_s"],
+    "/decode": ["tokens", "tokens_b64", "shape", "dtype", "model", "timeout_s"],
+    "/generate": [
+        "class_labels",
+        "num_images",
+        "seed",
+        "seeds",
+        "steps",
+        "sampler",
+        "cfg_scale",
+        "guidance_interval",
+        "model",
+        "timeout_s",
+    ],
+}
+
+
+def _json_values():
+    from hypothesis import strategies as st
+
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=True, allow_infinity=True)
+        | st.text(max_size=20)
+        | st.sampled_from(["tiny", "sit-tiny", "euler", "heun", "base64", GOOD, "AAAA"])
+    )
+    return st.recursive(
+        scalars,
+        lambda c: st.lists(c, max_size=6) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+        max_leaves=30,
+    )
+
+
+@pytest.mark.parametrize("path", sorted(FIELDS))
+def test_fuzzed_json_never_5xx(client, path):
+    import json as jsonlib
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    values = _json_values()
+    bodies = st.dictionaries(st.sampled_from(FIELDS[path]), values, max_size=5) | values
+
+    @settings(
+        max_examples=50,
+        deadline=None,
+        derandomize=True,
+        database=None,  # no .hypothesis/ folder in the repository
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(body=bodies)
+    def check(body):
+        # json.dumps writes NaN / Infinity literals, which the server must also survive
+        r = client.post(
+            path, content=jsonlib.dumps(body), headers={"content-type": "application/json"}
+        )
+        assert r.status_code < 500, (body, r.status_code, r.text[:300])
+        if r.status_code >= 400:
+            assert set(r.json()) == {"error", "message"}
+
+    check()
+    assert client.get("/healthz").status_code == 200
