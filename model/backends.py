@@ -16,8 +16,8 @@ Backends:
 - ``compile``: ``torch.compile`` with static shapes. Each batch is padded up to the
   smallest batch bucket that holds it (larger batches run in chunks of the largest bucket),
   so only one graph per bucket is ever built. On CUDA the mode is ``max-autotune``, which
-  also captures each bucket's graph in a CUDA graph; on CPU inductor runs with weight
-  freezing (constant-folded, prepacked weights), which is what makes it beat eager there.
+  also captures each bucket's graph in a CUDA graph; on CPU inductor's C++ code fuses the
+  elementwise work between the GEMMs.
 - ``onnx``: encoder, decoder and the SiT velocity function exported with
   ``torch.onnx.export`` and run by ONNX Runtime (the CPU provider, or TensorRT / CUDA where
   onnxruntime-gpu is installed). Exports are cached on disk, keyed by model hash, bucket
@@ -284,8 +284,9 @@ def compile_module(module: nn.Module, device: torch.device) -> Callable:
     if device.type == "cuda":
         # max-autotune: Triton GEMM autotuning plus CUDA graphs (one per static shape).
         return torch.compile(module, mode="max-autotune", dynamic=False, fullgraph=True)
-    # CPU: freezing turns weights into constants so inductor can prepack them for oneDNN.
-    return torch.compile(module, dynamic=False, fullgraph=True, options={"freezing": True})
+    # CPU: inductor's C++/OpenMP codegen fuses the elementwise work around the GEMMs.
+    # (Weight freezing measured no faster on the benchmark machine; BENCHMARKS.md.)
+    return torch.compile(module, dynamic=False, fullgraph=True)
 
 
 class CompiledTokenizerRunner(TokenizerRunner):

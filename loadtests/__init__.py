@@ -1,0 +1,1 @@
+"""Benchmarks of softvq-serve: `python -m loadtests.bench --preset cpu|gpu [--quick] --out DIR`."""
