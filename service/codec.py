@@ -86,12 +86,15 @@ def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int, what: 
         ) from None
 
 
-def decode_images(blobs: Sequence[bytes], size: int, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """Encoded images -> (n, 3, size, size) float32 in [-1, 1]."""
-    arrays = [
-        decode_image(b, size, max_bytes, max_pixels, what=f"images[{i}]")
-        for i, b in enumerate(blobs)
-    ]
+def decode_images(
+    blobs: Sequence[bytes | str], size: int, max_bytes: int, max_pixels: int
+) -> np.ndarray:
+    """Encoded images (raw bytes, or base64 text) -> (n, 3, size, size) float32 in [-1, 1]."""
+    arrays = []
+    for i, blob in enumerate(blobs):
+        what = f"images[{i}]"
+        data = b64decode(blob, what, max_bytes) if isinstance(blob, str) else blob
+        arrays.append(decode_image(data, size, max_bytes, max_pixels, what=what))
     return np.stack(arrays).astype(np.float32, copy=False)
 
 

@@ -397,12 +397,16 @@ def test_pixel_limit_checked_before_decoding(api_settings_factory):
     """The limit refuses from the header: an image just over it is refused although its
     pixels would decode fine, and one at the limit is accepted."""
     settings = api_settings_factory(max_image_pixels=64 * 64, max_image_bytes=10**6)
-    with TestClient(create_app(settings)) as c:
-        wait_ready(c)
-        ok = c.post("/tokenize", json={"images": [b64(png(0, 64, 64))]})
-        assert ok.status_code == 200
-        r = c.post("/tokenize", json={"images": [b64(png(0, 65, 64))]})
-        assert r.status_code == 422 and r.json()["error"] == "image_too_many_pixels"
+    pillow_limit = Image.MAX_IMAGE_PIXELS  # create_app sets Pillow's (process-wide) guard
+    try:
+        with TestClient(create_app(settings)) as c:
+            wait_ready(c)
+            ok = c.post("/tokenize", json={"images": [b64(png(0, 64, 64))]})
+            assert ok.status_code == 200
+            r = c.post("/tokenize", json={"images": [b64(png(0, 65, 64))]})
+            assert r.status_code == 422 and r.json()["error"] == "image_too_many_pixels"
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
 def test_base64_variants_accepted(client):
