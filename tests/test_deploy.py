@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
@@ -1002,17 +1003,11 @@ def test_image_cmd_serves_healthcheck_and_every_queried_metric(tiny_env):
         stop(proc)
 
 
-@pytest.mark.redis
-def test_compose_topology_api_and_worker_over_redis_export_every_queried_metric(tiny_env):
-    """The compose stack in miniature: redis-server, `softvq serve --redis`, `softvq worker
-    --redis --metrics-port` (their compose commands, ports changed). Prometheus scrapes both
-    processes; together they export every series the dashboards and alerts query. The
-    worker creates the consumer group KEDA reads, on the streams the ScaledObject names."""
-    import redis as redis_py
-
-    from service.broker.redis_streams import Keys
-    from service.jobs import TASKS
-
+@pytest.fixture(scope="module")
+def compose_topology(tiny_env):
+    """The compose stack in miniature: redis-server, `softvq serve --redis` and `softvq worker
+    --redis --metrics-port` (their compose commands, ports changed), after one request of each
+    kind. Yields {"api": url, "worker": url, "redis": url}."""
     svc = compose()["services"]
     with RedisServer() as server:
         api_port, metrics_port = free_port(), free_port()
@@ -1026,28 +1021,122 @@ def test_compose_topology_api_and_worker_over_redis_export_every_queried_metric(
         env = {**tiny_env, "SOFTVQ_REDIS_URL": server.url}
         worker = start(worker_argv, env)
         api = start(api_argv, env)
-        base = f"http://127.0.0.1:{api_port}"
+        urls = {
+            "api": f"http://127.0.0.1:{api_port}",
+            "worker": f"http://127.0.0.1:{metrics_port}",
+            "redis": server.url,
+        }
         try:
-            wait_for(f"http://127.0.0.1:{metrics_port}/metrics", worker)  # compose healthcheck
-            wait_for(f"{base}/healthz", api)
-            wait_for(f"{base}/readyz", api)
-            one_request_of_each_kind(base)
-            api_scrape = scrape(f"{base}/metrics")
-            worker_scrape = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
-            check_scrape(*merge(api_scrape, worker_scrape))
-            # KEDA's view: the group exists on every stream and Redis reports its lag
-            keys = Keys("softvq")
-            r = redis_py.Redis.from_url(server.url)
-            for m, task in [
-                (t, k) for t in ("tiny", "tiny16") for k in TASKS if k != "generate"
-            ] + [("sit-tiny", "generate"), ("sit-tiny16", "generate")]:
-                groups = {g["name"].decode(): g for g in r.xinfo_groups(keys.stream(m, task))}
-                assert "lag" in groups[keys.group], (m, task)
-                assert groups[keys.group]["lag"] == 0  # every job was delivered
-            r.close()
+            wait_for(f"{urls['worker']}/metrics", worker)  # what compose's healthcheck asks
+            wait_for(f"{urls['api']}/healthz", api)
+            wait_for(f"{urls['api']}/readyz", api)
+            one_request_of_each_kind(urls["api"])
+            yield urls
         finally:
             stop(api)
             stop(worker)
+
+
+@pytest.mark.redis
+def test_compose_topology_api_and_worker_over_redis_export_every_queried_metric(
+    compose_topology,
+):
+    """Prometheus scrapes both processes; together they export every series the dashboards
+    and alerts query. The worker creates the consumer group KEDA reads, on every stream."""
+    import redis as redis_py
+
+    from service.broker.redis_streams import Keys
+    from service.jobs import TASKS
+
+    api_scrape = scrape(f"{compose_topology['api']}/metrics")
+    worker_scrape = scrape(f"{compose_topology['worker']}/metrics")
+    check_scrape(*merge(api_scrape, worker_scrape))
+    # KEDA's view: the group exists on every stream and Redis reports its lag
+    keys = Keys("softvq")
+    r = redis_py.Redis.from_url(compose_topology["redis"])
+    pairs = [(t, k) for t in ("tiny", "tiny16") for k in TASKS if k != "generate"]
+    for m, task in pairs + [("sit-tiny", "generate"), ("sit-tiny16", "generate")]:
+        groups = {g["name"].decode(): g for g in r.xinfo_groups(keys.stream(m, task))}
+        assert "lag" in groups[keys.group], (m, task)
+        assert groups[keys.group]["lag"] == 0  # every job was delivered
+    r.close()
+
+
+# Queries allowed to return nothing after a healthy run: errors, retries, GPU memory on CPU.
+MAY_BE_EMPTY = (
+    'status=~"5..|429"',
+    "softvq_jobs_failed_total",
+    "softvq_job_retries_total",
+    "softvq_gpu_memory_bytes",
+)
+
+
+def prom_query(base: str, expr: str) -> list:
+    status, body = http(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    reply = json.loads(body or b"{}")
+    assert status == 200 and reply.get("status") == "success", f"{expr}: {body[:300]}"
+    return reply["data"]["result"]
+
+
+@pytest.mark.redis
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed")
+def test_real_prometheus_evaluates_every_dashboard_query_and_alert(compose_topology, tmp_path):
+    """deploy/prometheus/prometheus.yml, with its DNS discovery swapped for the two test
+    processes, run by a real Prometheus: both targets up, every alert rule evaluates without
+    error, and every dashboard query returns series (except the ones about errors)."""
+    config = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(ALERTS)]
+    targets = {"softvq-api": compose_topology["api"], "softvq-worker": compose_topology["worker"]}
+    for job in config["scrape_configs"]:
+        if job["job_name"] in targets:
+            del job["dns_sd_configs"]
+            job["static_configs"] = [{"targets": [urlparse(targets[job["job_name"]]).netloc]}]
+    config["scrape_configs"] = [j for j in config["scrape_configs"] if j["job_name"] in targets]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    prom = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base}/-/ready", prom)
+        end = time.monotonic() + 60
+        while time.monotonic() < end:  # a few scrapes of both targets, so rate() has points
+            up = prom_query(base, 'count_over_time(up{job=~"softvq.*"}[1m]) >= 4')
+            if len(up) == 2:
+                break
+            time.sleep(0.5)
+        assert {r["metric"]["job"] for r in prom_query(base, 'up{job=~"softvq.*"} == 1')} == set(
+            targets
+        )
+        # every alert rule evaluated, none with an error
+        time.sleep(2)
+        status, body = http(f"{base}/api/v1/rules")
+        rules = [r for g in json.loads(body)["data"]["groups"] for r in g["rules"]]
+        assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
+        for r in rules:
+            assert r["health"] == "ok", f"{r['name']}: {r.get('lastError')}"
+        # every dashboard query, with Grafana's variables as Grafana fills them
+        for where, expr in dashboard_exprs():
+            if expr.startswith("label_values("):
+                metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", expr).groups()
+                values = {r["metric"][label] for r in prom_query(base, metric)}
+                assert values == {"tiny", "tiny16", "sit-tiny", "sit-tiny16"}, where
+                continue
+            q = expr.replace("$__rate_interval", "1m").replace("$model", ".*")
+            result = prom_query(base, q)
+            if not any(marker in expr for marker in MAY_BE_EMPTY):
+                assert result, f"{where}: no data for {q}"
+    finally:
+        stop(prom)
 
 
 @pytest.mark.redis
