@@ -6,7 +6,9 @@ they deploy: the real CLI parser (every command they run parses), the real Setti
 stream layout. Then live: ``softvq serve`` (the image's CMD) answers the image's HEALTHCHECK,
 and in both topologies (embedded, and API + worker over a real Redis as compose runs them)
 the /metrics output holds every series and label the dashboards and alerts query. promtool,
-when installed, validates the rules and runs their unit tests (deploy/prometheus/alerts_test.yml).
+when installed, validates the rules and runs their unit tests (deploy/prometheus/alerts_test.yml);
+a real Prometheus, when installed, runs the repo's config against the API + worker and
+evaluates every alert rule and dashboard query.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -850,14 +853,32 @@ def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, 
         return 0, b""
 
 
+def log_tail(proc: subprocess.Popen, chars: int = 3000) -> str:
+    """The end of a process's stderr (kept in a temporary file: a pipe nobody reads can
+    fill up and block the process)."""
+    log = getattr(proc, "log", None)
+    if log is None:
+        return ""
+    log.flush()
+    log.seek(0)
+    return log.read().decode(errors="replace")[-chars:]
+
+
 def wait_for(url: str, proc: subprocess.Popen, status: int = 200, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        assert proc.poll() is None, f"process exited with {proc.returncode}"
+        assert proc.poll() is None, f"exited with {proc.returncode}:\n{log_tail(proc)}"
         if http(url, timeout=5)[0] == status:
             return
         time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer {status} within {timeout}s")
+    raise AssertionError(f"{url} did not answer {status} within {timeout}s:\n{log_tail(proc)}")
+
+
+def launch(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    proc.log = log
+    return proc
 
 
 def start(argv: list[str], env: dict) -> subprocess.Popen:
@@ -865,8 +886,7 @@ def start(argv: list[str], env: dict) -> subprocess.Popen:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTVQ_")}
     full_env.update(env, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     exe = shutil.which("softvq") or ""
-    cmd = [exe, *argv] if exe else [sys.executable, "-m", "service.cli", *argv]
-    return subprocess.Popen(cmd, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return launch([exe, *argv] if exe else [sys.executable, "-m", "service.cli", *argv], full_env)
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -877,6 +897,8 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    if getattr(proc, "log", None) is not None:
+        proc.log.close()
 
 
 def png_b64(seed: int) -> str:
@@ -1095,15 +1117,13 @@ def test_real_prometheus_evaluates_every_dashboard_query_and_alert(compose_topol
     config["scrape_configs"] = [j for j in config["scrape_configs"] if j["job_name"] in targets]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    prom = subprocess.Popen(
+    prom = launch(
         [
             "prometheus",
             f"--config.file={tmp_path / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp_path / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        ]
     )
     base = f"http://127.0.0.1:{port}"
     try:
