@@ -29,7 +29,7 @@ from model.images import load_image, psnr, tensor_to_uint8
 from service.app import create_app
 from tests.redis_server import RedisServer, free_port
 from tests.test_api import b64, decode_png, png
-from tests.test_serve_uvicorn import metric, softvq_command, wait_http_ready
+from tests.test_serve_uvicorn import metric, softvq_command, steps_for, wait_http_ready
 
 pytestmark = pytest.mark.redis
 
@@ -274,9 +274,10 @@ def test_full_queue_429_and_expired_deadline_504(cluster):
 def test_worker_sigkilled_while_holding_jobs(cluster):
     """SIGKILL a worker while jobs sit in its pending list: after the visibility timeout the
     other worker claims them, and every request completes."""
+    steps = steps_for(cluster.base, 1.0)  # a batch holds its worker for a second or more
     stream, group = "softvq:jobs:sit-tiny:generate", "softvq-workers"
     requests = [
-        ("/generate", {"class_labels": [i % 10], "seed": 50 + i, "steps": 100}) for i in range(12)
+        ("/generate", {"class_labels": [i % 10], "seed": 50 + i, "steps": steps}) for i in range(12)
     ]
     r = cluster.client()
 

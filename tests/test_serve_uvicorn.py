@@ -51,10 +51,24 @@ def metric(text: str, name: str, **labels) -> float:
     return 0.0
 
 
+def steps_for(base: str, seconds: float, lo: int = 20, hi: int = 5000) -> int:
+    """Sampling steps that make one /generate image take about ``seconds`` on this machine
+    now (timed through the API, so tests hold the model long enough on any CPU)."""
+
+    def timed(steps: int) -> float:
+        t0 = time.perf_counter()
+        r = httpx.post(f"{base}/generate", json={"steps": steps, "seed": 0}, timeout=120)
+        assert r.status_code == 200, r.text
+        return time.perf_counter() - t0
+
+    per_step = max((timed(60) - timed(10)) / 50, 1e-5)
+    return int(min(hi, max(lo, seconds / per_step)))
+
+
 @pytest.fixture(scope="module")
 def server(api_env, tmp_path_factory):
     port = free_port()
-    env = {**os.environ, **api_env, "SOFTVQ_MAX_STEPS": "1000", "SOFTVQ_CORS_ORIGINS": "[]"}
+    env = {**os.environ, **api_env, "SOFTVQ_MAX_STEPS": "5000", "SOFTVQ_CORS_ORIGINS": "[]"}
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
     proc = subprocess.Popen(
         [*softvq_command(), "serve", "--port", str(port), "--log-level", "warning"],
@@ -117,7 +131,7 @@ def test_every_endpoint_over_http(server):
 
         bad = c.post("/decode", json={"tokens": [[[float("0")] * 8] * 3]})
         assert bad.status_code == 422 and bad.json()["error"] == "invalid_tokens"
-        assert c.post("/generate", json={"steps": 5000}).status_code == 422
+        assert c.post("/generate", json={"steps": 5001}).status_code == 422
         assert c.get("/healthz").status_code == 200
 
         text = c.get("/metrics").text
@@ -136,6 +150,7 @@ def test_disconnected_client_work_is_dropped(server):
     """A long job holds the model; a second job queues behind it; its client gives up. The
     server sees the disconnect, the queued job is dropped unrun (499 in the metrics)."""
     base, _ = server
+    steps = steps_for(base, 3.0)
     before = httpx.get(f"{base}/metrics").text
     images_before = metric(
         before, "softvq_images_processed_total", model="sit-tiny", task="generate"
@@ -147,7 +162,7 @@ def test_disconnected_client_work_is_dropped(server):
 
     def long_request():
         r = httpx.post(
-            f"{base}/generate", json={"class_labels": [1], "steps": 150, "seed": 1}, timeout=120
+            f"{base}/generate", json={"class_labels": [1], "steps": steps, "seed": 1}, timeout=120
         )
         long_result["status"] = r.status_code
 
@@ -167,7 +182,9 @@ def test_disconnected_client_work_is_dropped(server):
             break
         time.sleep(0.02)
     with pytest.raises(httpx.ReadTimeout):  # different steps: cannot join the long batch
-        httpx.post(f"{base}/generate", json={"class_labels": [2, 3], "steps": 149}, timeout=0.5)
+        httpx.post(
+            f"{base}/generate", json={"class_labels": [2, 3], "steps": steps - 1}, timeout=0.5
+        )
     t.join(120)
     assert long_result == {"status": 200}
     time.sleep(0.5)
@@ -187,10 +204,11 @@ def test_disconnected_client_work_is_dropped(server):
 def test_sigterm_finishes_in_flight_requests(server):
     """Last in this module: it stops the server."""
     base, proc = server
+    steps = steps_for(base, 2.0)
     result = {}
 
     def in_flight():
-        r = httpx.post(f"{base}/generate", json={"class_labels": [4], "steps": 60}, timeout=120)
+        r = httpx.post(f"{base}/generate", json={"class_labels": [4], "steps": steps}, timeout=120)
         result["status"], result["n"] = r.status_code, len(r.json().get("images", []))
 
     t = threading.Thread(target=in_flight)
