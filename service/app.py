@@ -35,7 +35,7 @@ from . import codec, errors, metrics
 from .auth import AuthMiddleware
 from .errors import ApiError
 from .jobs import Job, JobTimeout
-from .middleware import BodyLimitMiddleware, MetricsMiddleware
+from .middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from .schemas import (
     MAX_SEED,
     DecodeRequest,
@@ -432,9 +432,17 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "Accept"],
-            expose_headers=["Retry-After", "X-Model", "X-Seeds", "X-Class-Labels", "X-PSNR"],
+            expose_headers=[
+                "Retry-After",
+                "X-Request-ID",
+                "X-Model",
+                "X-Seeds",
+                "X-Class-Labels",
+                "X-PSNR",
+            ],
         )
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     return app
 
 

@@ -90,7 +90,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    rid = getattr(request.state, "request_id", "-")
+    log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, rid)
     return error_response(500, "internal_error", "internal server error")
 
 

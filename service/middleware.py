@@ -1,4 +1,4 @@
-"""Pure ASGI middleware of the API: the request-body limit and the request metrics.
+"""Pure ASGI middleware of the API: the request-body limit, request metrics, request ids.
 
 Pure ASGI (not Starlette's BaseHTTPMiddleware) so that the route still sees the client's
 ``http.disconnect`` and can drop the work of a client that went away.
@@ -7,6 +7,7 @@ Pure ASGI (not Starlette's BaseHTTPMiddleware) so that the route still sees the 
 from __future__ import annotations
 
 import time
+import uuid
 
 from . import metrics
 from .errors import error_response
@@ -112,3 +113,30 @@ class MetricsMiddleware:
             model = str(scope.get("state", {}).get("model", ""))
             metrics.REQUESTS.labels(endpoint, model, str(status)).inc()
             metrics.REQUEST_LATENCY.labels(endpoint, model).observe(time.perf_counter() - start)
+
+
+class RequestIdMiddleware:
+    """Every answer carries ``X-Request-ID``: the client's own (when short and printable) or
+    a fresh one, so a request can be followed through logs and load-test reports."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = None
+        for name, value in scope.get("headers", []):
+            if name == b"x-request-id" and 0 < len(value) <= 128 and value.isascii():
+                text = value.decode("ascii")
+                rid = text if text.isprintable() else None
+        rid = rid or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

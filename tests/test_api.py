@@ -90,6 +90,17 @@ def test_metrics_count_requests_and_errors(client):
     assert "softvq_model_info{" in text
 
 
+def test_request_id_echoed_or_made(client):
+    r = client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    made = client.get("/healthz").headers["x-request-id"]
+    assert len(made) == 32 and made != client.get("/healthz").headers["x-request-id"]
+    big = client.post("/tokenize", content=b"x" * 2_000_000, headers={"X-Request-ID": "r1"})
+    assert big.status_code == 413 and big.headers["x-request-id"] == "r1"
+    odd = client.get("/healthz", headers={"X-Request-ID": "x" * 500})
+    assert odd.headers["x-request-id"] != "x" * 500
+
+
 # --- /tokenize ------------------------------------------------------------------------------
 def test_tokenize_equals_direct_model_call(client, tok):
     blobs = [png(1), png(2, 64, 20), png(3, fmt="JPEG"), png(4, fmt="WEBP")]
