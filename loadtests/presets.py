@@ -66,7 +66,7 @@ CPU_QUICK = Preset(
     name="cpu",
     dtype="float32",
     sit=(6, 288, 4),
-    steps=8,
+    steps=6,
     batch=4,
     reps=1,
     vit_1d={32: (192, 12, 3, 64), 64: (192, 12, 3, 32)},
@@ -77,11 +77,12 @@ CPU_QUICK = Preset(
     backend_tokens=64,
     backend_batch=4,
     service_steps=4,
+    extra={"sit_fraction_batch": 8},
     service_max_batch=8,
     service_clients=16,
     service_requests=24,
     sequential_requests=4,
-    latency_requests=16,
+    latency_requests=12,
 )
 
 GPU = Preset(

@@ -177,3 +177,37 @@ def test_warmup_runs_every_bucket(tmp_path):
     runner._decode = lambda tokens: seen.append(tokens.shape[0]) or orig(tokens)
     runner.warmup([4, 1, 2])
     assert seen == [1, 2, 4] and runner.buckets == (1, 2, 4)
+
+
+# --- model/fast_sampling.py: the CUDA-graph step loop, run uncaptured on the CPU -------------
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_graphed_loop_matches_sample(sampler):
+    from model.fast_sampling import GraphedODESampler
+    from model.sampling import sample
+
+    gen = make_generator()
+    runner = backends.make_generator_runner(gen, "eager")
+    g = torch.Generator().manual_seed(11)
+    noise = torch.randn(4, gen.num_tokens, gen.token_dim, generator=g)
+    labels = torch.tensor([1, 2, 3, 4])
+    scale = torch.tensor([1.0, 4.0, 0.5, 2.5], dtype=torch.float64)  # mixed: some unguided
+    interval = (0.2, 0.7)  # some steps guided, some not
+    want = sample(runner, noise, labels, 6, sampler, cfg_scale=scale, guidance_interval=interval)
+    loop = GraphedODESampler(runner, 4, noise.shape[1:], 6, sampler, interval, guided=True, capture=False)
+    got = loop(noise, labels, scale)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # unguided
+    want = sample(runner, noise, labels, 6, sampler)
+    loop = GraphedODESampler(runner, 4, noise.shape[1:], 6, sampler, guided=False, capture=False)
+    torch.testing.assert_close(loop(noise, labels, torch.ones(4, dtype=torch.float64)), want, atol=1e-5, rtol=1e-5)
+
+
+def test_sample_graphed_on_cpu_is_sample():
+    from model.fast_sampling import sample_graphed
+    from model.sampling import sample
+
+    gen = make_generator()
+    noise = torch.randn(2, gen.num_tokens, gen.token_dim, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 5])
+    got = sample_graphed(gen, noise, labels, 3, "euler", cfg_scale=3.0)
+    assert torch.equal(got, sample(gen, noise, labels, 3, "euler", cfg_scale=3.0))
