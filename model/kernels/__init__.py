@@ -28,8 +28,10 @@ def triton_available() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():  # first: nothing below needs tracing by dynamo
+        return False
     mode = os.environ.get("SOFTVQ_TRITON_KERNELS", "")
-    if mode == "0" or torch.compiler.is_compiling() or not triton_available():
+    if mode == "0" or not triton_available():
         return False
     return mode == "1" or t.is_cuda
 
