@@ -25,7 +25,7 @@ class Preset:
     # SoftVQ decoders of the generation comparison: tokens -> (width, depth, heads, token dim)
     vit_1d: dict[int, tuple[int, int, int, int]]
     sd_width_scale: float
-    # 512 px comparison (64 vs 1024 tokens); batch 0 = skipped
+    # 512 px comparison (64 vs 1024 tokens), timed once; batch 0 = skipped
     batch_512: int
     steps_512: int
     # part b: the tokenizer timed per backend: (width, depth, heads), tokens, batch
@@ -55,11 +55,13 @@ CPU = Preset(
     reps=2,
     vit_1d={32: (192, 12, 3, 64), 64: (192, 12, 3, 32)},
     sd_width_scale=0.25,
-    batch_512=2,
-    steps_512=20,
+    batch_512=1,
+    steps_512=10,
     backend_vit=(384, 6, 6),
     backend_tokens=64,
     backend_batch=8,
+    service_requests=48,
+    latency_requests=24,
 )
 
 CPU_QUICK = Preset(
