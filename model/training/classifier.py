@@ -24,19 +24,24 @@ from .loop import lr_at, progress, set_lr
 class ClassifierConfig:
     num_classes: int = 10
     image_size: int = 64
-    width: int = 32
+    width: int = 24
 
 
 class Judge(nn.Module):
-    """(B, 3, S, S) in [-1, 1] -> logits (B, num_classes). Four stride-2 conv stages, global
-    average pooling: sees shapes at any position, which is what the classes differ in."""
+    """(B, 3, S, S) in [-1, 1] -> logits (B, num_classes). A stride-2 stem, three stages of
+    (conv, stride-2 conv), global average pooling: sees shapes at any position, which is what
+    the classes differ in."""
 
     def __init__(self, cfg: ClassifierConfig):
         super().__init__()
         self.config = cfg
         w = cfg.width
-        chans = [3, w, 2 * w, 4 * w, 4 * w]
-        layers: list[nn.Module] = []
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, w, 3, stride=2, padding=1),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+        ]
+        chans = [w, w, 2 * w, 4 * w]
         for cin, cout in zip(chans[:-1], chans[1:]):
             layers += [
                 nn.Conv2d(cin, cout, 3, padding=1),
@@ -83,9 +88,9 @@ def load_judge(path: str | Path) -> Judge:
 
 def train_judge(
     out: str | Path,
-    steps: int = 600,
-    batch_size: int = 64,
-    lr: float = 2e-3,
+    steps: int = 1000,
+    batch_size: int = 32,
+    lr: float = 3e-3,
     image_size: int = 64,
     seed: int = 0,
     quiet: bool = False,

@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument(
         "--grad-weight", type=float, default=0.5, help="weight of the image-gradient (edge) L1 term"
     )
-    p.add_argument("--entropy-weight", type=float, default=0.01)
+    p.add_argument("--entropy-weight", type=float, default=0.002)
     p.set_defaults(func=_train_tokenizer)
 
     p = sub.add_parser("train-generator", help="train a SiT on a tokenizer's latents (resumable)")

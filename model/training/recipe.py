@@ -8,8 +8,12 @@ from its own checkpoint, so the whole thing can be killed and restarted at any p
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import torch
 
 from .. import demo
 from .classifier import train_judge
@@ -18,68 +22,102 @@ from .tokenizer_trainer import TokenizerTrainConfig, train_tokenizer
 
 # Sizes chosen so the whole recipe fits an hour on two shared CPU cores and still clears the
 # quality bars (see docs/DEMO_MODELS.md for the numbers).
-JUDGE_STEPS = 500
+JUDGE_STEPS = 1000
 TOKENIZERS = {
     # name: (tokens L, token width D, steps)
-    "softvq-demo-32": (32, 16, 1500),
-    "softvq-demo-64": (64, 8, 1500),
+    "softvq-demo-32": (32, 32, 2400),
+    "softvq-demo-64": (64, 16, 2400),
 }
-TOKENIZER_VIT = {"embed_dim": 96, "depth": 3, "num_heads": 4}
-GENERATOR = {"hidden_size": 128, "depth": 4, "num_heads": 4}
-GENERATOR_STEPS = 3000
-GENERATOR_TRAIN_SIZE = 10_000
+TOKENIZER_VIT = {"embed_dim": 96, "depth": 2, "num_heads": 4}
+TOKENIZER_BATCH = 16
+TOKENIZER_LR = 3e-3
+GENERATOR = {"hidden_size": 96, "depth": 3, "num_heads": 4}
+GENERATOR_STEPS = 2000
+GENERATOR_BATCH = 32
+GENERATOR_LR = 1e-3
+GENERATOR_TRAIN_SIZE = 8000
 
 
 def _done(path: Path) -> bool:
     return (path / "model.safetensors").is_file() and (path / "training.json").is_file()
 
 
-def train_demo(work: Path, scale: float = 1.0, quiet: bool = False) -> dict[str, Path]:
-    """Train everything into ``work``; returns {bundled name: finished model directory}."""
-    work.mkdir(parents=True, exist_ok=True)
-    steps = lambda n: max(2, int(n * scale))  # noqa: E731
-    finished: dict[str, Path] = {}
-    log = work / "times.txt"
+def _timed(work: Path, name: str, fn) -> None:
+    t0 = time.time()
+    fn()
+    with (work / "times.txt").open("a") as f:
+        f.write(f"{name}\t{time.time() - t0:.1f}s\n")
 
-    def timed(name: str, fn) -> None:
-        t0 = time.time()
-        fn()
-        with log.open("a") as f:
-            f.write(f"{name}\t{time.time() - t0:.1f}s\n")
 
-    judge = work / demo.JUDGE_CLASSIFIER
-    if not _done(judge):
-        timed(
-            demo.JUDGE_CLASSIFIER, lambda: train_judge(judge, steps=steps(JUDGE_STEPS), quiet=quiet)
+def _steps(n: int, scale: float) -> int:
+    return max(2, int(n * scale))
+
+
+def run_judge(work: Path, scale: float, quiet: bool, threads: int) -> Path:
+    torch.set_num_threads(threads)
+    out = work / demo.JUDGE_CLASSIFIER
+    if not _done(out):
+        _timed(
+            work, out.name, lambda: train_judge(out, steps=_steps(JUDGE_STEPS, scale), quiet=quiet)
         )
-    finished[demo.JUDGE_CLASSIFIER] = judge
+    return out
 
-    for tok_name, (L, D, tok_steps) in TOKENIZERS.items():
-        tok_dir = work / tok_name
-        if not _done(tok_dir):
-            cfg = TokenizerTrainConfig(
-                out=str(tok_dir),
-                num_tokens=L,
-                token_dim=D,
-                enc=dict(TOKENIZER_VIT),
-                dec=dict(TOKENIZER_VIT),
-                steps=steps(tok_steps),
-                ckpt=str(work / "ckpt" / f"{tok_name}.pt"),
-            )
-            timed(tok_name, lambda cfg=cfg: train_tokenizer(cfg, quiet=quiet))
-        finished[tok_name] = tok_dir
 
-    for gen_name, tok_name in demo.DEMO_GENERATORS.items():
-        gen_dir = work / gen_name
-        if not _done(gen_dir):
-            cfg = GeneratorTrainConfig(
-                out=str(gen_dir),
-                tokenizer=str(work / tok_name),
-                steps=steps(GENERATOR_STEPS),
-                train_size=GENERATOR_TRAIN_SIZE if scale >= 1 else 200,
-                ckpt=str(work / "ckpt" / f"{gen_name}.pt"),
-                **GENERATOR,
-            )
-            timed(gen_name, lambda cfg=cfg: train_generator(cfg, quiet=quiet))
-        finished[gen_name] = gen_dir
+def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, threads: int) -> dict:
+    """Tokenizer, then the generator on its latents."""
+    torch.set_num_threads(threads)
+    L, D, tok_steps = TOKENIZERS[tok_name]
+    tok_dir = work / tok_name
+    if not _done(tok_dir):
+        cfg = TokenizerTrainConfig(
+            out=str(tok_dir),
+            num_tokens=L,
+            token_dim=D,
+            enc=dict(TOKENIZER_VIT),
+            dec=dict(TOKENIZER_VIT),
+            steps=_steps(tok_steps, scale),
+            batch_size=TOKENIZER_BATCH,
+            lr=TOKENIZER_LR,
+            stats_images=2000 if scale >= 1 else 50,
+            ckpt=str(work / "ckpt" / f"{tok_name}.pt"),
+        )
+        _timed(work, tok_name, lambda: train_tokenizer(cfg, quiet=quiet))
+    gen_name = next(g for g, t in demo.DEMO_GENERATORS.items() if t == tok_name)
+    gen_dir = work / gen_name
+    if not _done(gen_dir):
+        cfg = GeneratorTrainConfig(
+            out=str(gen_dir),
+            tokenizer=str(tok_dir),
+            steps=_steps(GENERATOR_STEPS, scale),
+            batch_size=GENERATOR_BATCH,
+            lr=GENERATOR_LR,
+            train_size=GENERATOR_TRAIN_SIZE if scale >= 1 else 100,
+            ckpt=str(work / "ckpt" / f"{gen_name}.pt"),
+            **GENERATOR,
+        )
+        _timed(work, gen_name, lambda: train_generator(cfg, quiet=quiet))
+    return {tok_name: tok_dir, gen_name: gen_dir}
+
+
+def train_demo(work: Path, scale: float = 1.0, quiet: bool = False, parallel: bool = True):
+    """Train everything into ``work``; returns {bundled name: finished model directory}.
+
+    The judge and the two tokenizer -> generator chains are independent, so by default they
+    run as three single-threaded processes: on a small shared CPU that beats one process with
+    several threads (whose OpenMP workers wait on each other whenever a core is taken).
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    finished: dict[str, Path] = {}
+    if not parallel:
+        finished[demo.JUDGE_CLASSIFIER] = run_judge(work, scale, quiet, torch.get_num_threads())
+        for tok_name in TOKENIZERS:
+            finished.update(run_chain(work, tok_name, scale, quiet, torch.get_num_threads()))
+        return finished
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1 + len(TOKENIZERS), mp_context=ctx) as pool:
+        judge = pool.submit(run_judge, work, scale, quiet, 1)
+        chains = [pool.submit(run_chain, work, t, scale, quiet, 1) for t in TOKENIZERS]
+        finished[demo.JUDGE_CLASSIFIER] = judge.result()
+        for c in chains:
+            finished.update(c.result())
     return finished
