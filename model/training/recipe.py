@@ -22,17 +22,17 @@ from .tokenizer_trainer import TokenizerTrainConfig, train_tokenizer
 
 # Sizes chosen so the whole recipe fits an hour on two shared CPU cores and still clears the
 # quality bars (see docs/DEMO_MODELS.md for the numbers).
-JUDGE_STEPS = 1000
+JUDGE_STEPS = 800
 TOKENIZERS = {
     # name: (tokens L, token width D, steps)
-    "softvq-demo-32": (32, 32, 2400),
-    "softvq-demo-64": (64, 16, 2400),
+    "softvq-demo-32": (32, 32, 1600),
+    "softvq-demo-64": (64, 16, 1600),
 }
 TOKENIZER_VIT = {"embed_dim": 96, "depth": 2, "num_heads": 4}
 TOKENIZER_BATCH = 16
 TOKENIZER_LR = 3e-3
 GENERATOR = {"hidden_size": 96, "depth": 3, "num_heads": 4}
-GENERATOR_STEPS = 2000
+GENERATOR_STEPS = 1500
 GENERATOR_BATCH = 32
 GENERATOR_LR = 1e-3
 GENERATOR_TRAIN_SIZE = 8000
