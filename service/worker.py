@@ -87,7 +87,9 @@ class RedisSource(JobSource):
                 self._last_claim = time.monotonic()
                 jobs += await self._reclaim(limit)
             if len(jobs) < limit:
-                block = int(timeout * 1000) if timeout > 0 and not jobs else None
+                # Blocking reads stay short (<= 1 s, under the client's socket timeout) so
+                # reclaiming, shutdown and a Redis outage are all noticed promptly.
+                block = int(min(timeout, 1.0) * 1000) if timeout > 0 and not jobs else None
                 resp = await self.redis.xreadgroup(
                     self.keys.group,
                     self.consumer,
@@ -275,6 +277,7 @@ class Worker:
         self.keys = Keys(settings.stream_prefix)
         self.batcher: Batcher | None = None
         self._stop_requested = False
+        self._helpers_run = True
 
     def stop(self) -> None:
         """Graceful stop (SIGTERM): finish the running batch, hand back the rest."""
@@ -307,6 +310,9 @@ class Worker:
         try:
             await self.batcher.run()
         finally:
+            # Helpers loop on this flag too: redis-py may swallow a cancellation that lands
+            # inside a command (turning it into a ConnectionError the helper survives).
+            self._helpers_run = False
             for t in helpers:
                 t.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
@@ -325,7 +331,7 @@ class Worker:
             "started": time.time(),
             "models": sorted({*self.registry.tokenizers, *self.registry.generators}),
         }
-        while True:
+        while self._helpers_run:
             try:
                 info["busy"] = bool(self.batcher.running)
                 await redis.set(key, json.dumps(info), ex=HEARTBEAT_TTL_S)
@@ -335,7 +341,7 @@ class Worker:
 
     async def _keep_held(self, source: RedisSource) -> None:
         every = self.settings.visibility_timeout_s / 3
-        while True:
+        while self._helpers_run:
             await asyncio.sleep(every)
             try:
                 await source.keep(self.batcher.held())

@@ -115,6 +115,7 @@ class RedisBroker(Broker):
         self._background: set[asyncio.Task] = set()
         self._closing = False
         self._redis_up = False
+        self._listening = True
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -126,6 +127,7 @@ class RedisBroker(Broker):
         self._closing = True
         while self._waiters:
             await asyncio.sleep(0.05)
+        self._listening = False
         if self._listener is not None:
             self._listener.cancel()
             await asyncio.gather(self._listener, return_exceptions=True)
@@ -192,13 +194,19 @@ class RedisBroker(Broker):
 
     # --- answers ----------------------------------------------------------------------------
     async def _listen(self) -> None:
-        while True:
+        # Loop on a flag rather than relying on cancellation alone: redis-py may turn a
+        # cancelled blocking read into a ConnectionError, which the loop would survive.
+        while self._listening:
             try:
                 item = await self.redis.blpop([self.reply_key], timeout=1)
                 self._redis_up = True
             except asyncio.CancelledError:
                 raise
             except UNAVAILABLE as e:
+                if not self._listening:
+                    return
+                if isinstance(e, (RedisTimeoutError, TimeoutError)) and await self._pingable():
+                    continue  # a slow read (e.g. this event loop was busy), not an outage
                 if self._redis_up or self._waiters:
                     log.warning(
                         "Redis unreachable (%s); failing %d waiting jobs", e, len(self._waiters)
@@ -221,6 +229,12 @@ class RedisBroker(Broker):
             fut = self._waiters.get(job_id)
             if fut is not None and not fut.done():
                 fut.set_result(outcome)  # a JobError outcome is raised by submit
+
+    async def _pingable(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
 
     def _fail_waiters(self, error: JobError) -> None:
         for fut in list(self._waiters.values()):
