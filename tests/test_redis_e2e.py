@@ -52,6 +52,7 @@ class Cluster:
             "SOFTVQ_MAX_WAIT_MS": "25",
             "SOFTVQ_QUEUE_MAX": str(QUEUE_MAX),
             "SOFTVQ_MAX_STEPS": "1000",
+            "SOFTVQ_REQUEST_TIMEOUT_S": "120",
         }
         self.tmp, self.procs, self.logs = tmp, {}, {}
         self.metrics_ports = {}
