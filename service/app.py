@@ -285,7 +285,10 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
         """Models loaded and warm (embedded) / Redis reachable with a live worker."""
         why = "starting"
         if svc.started:
-            ok, why = await svc.broker.ready()
+            try:
+                ok, why = await svc.broker.ready()
+            except Exception as e:  # a probe answers, whatever the broker's state
+                ok, why = False, f"broker check failed: {e}"
             if ok:
                 return {"status": "ready"}
         return errors.error_response(503, "not_ready", why, {"Retry-After": "1"})
@@ -320,18 +323,8 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
             deadline=svc.deadline(req.timeout_s),
         )
         result = await svc.submit(request, job)
-        tokens = np.asarray(result["tokens"], dtype=np.float32)
-        body = {
-            "model": tok.name,
-            "shape": list(tokens.shape),
-            "dtype": "float32",
-            "indices": np.asarray(result["indices"]).tolist(),
-        }
-        if req.format == "base64":
-            body["tokens_b64"] = codec.tokens_b64(tokens)
-        else:
-            body["tokens"] = tokens.tolist()
-        return JSONResponse(body)
+        # Up to B*L*D floats to list and serialise: CPU work, off the event loop.
+        return await run_in_threadpool(_tokenize_answer, tok.name, result, req.format)
 
     @app.post(
         "/reconstruct",
@@ -444,6 +437,21 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _tokenize_answer(name: str, result: dict, fmt: str) -> JSONResponse:
+    tokens = np.asarray(result["tokens"], dtype=np.float32)  # (B, L, D)
+    body = {
+        "model": name,
+        "shape": list(tokens.shape),
+        "dtype": "float32",
+        "indices": np.asarray(result["indices"]).tolist(),  # (B, G, L/G)
+    }
+    if fmt == "base64":
+        body["tokens_b64"] = codec.tokens_b64(tokens)
+    else:
+        body["tokens"] = tokens.tolist()
+    return JSONResponse(body)
 
 
 async def _decode_images(svc: Service, blobs: list[bytes], size: int) -> np.ndarray:
