@@ -331,3 +331,19 @@ def test_rate_limit_is_shared_by_api_replicas(api_settings_factory):
             assert time.monotonic() - t0 < 5
             assert a.get("/healthz").status_code == 200
             assert a.get("/readyz").status_code == 503
+
+
+def test_redis_down_fails_fast_with_503(api_settings_factory):
+    """API in Redis mode with Redis gone: a request is refused at once with 503 and
+    Retry-After (never a hang), the probes say alive but not ready."""
+    with RedisServer() as server:
+        with TestClient(create_app(api_settings_factory(redis_url=server.url))) as c:
+            assert c.get("/readyz").json()["message"] == "no worker heartbeat"
+            server.kill()
+            t0 = time.monotonic()
+            r = c.post("/decode", json={"tokens": np.zeros((1, 8, 8)).tolist()})
+            assert r.status_code == 503 and r.json()["error"] == "broker_unavailable"
+            assert int(r.headers["retry-after"]) >= 1
+            assert time.monotonic() - t0 < 5
+            assert c.get("/healthz").status_code == 200
+            assert c.get("/readyz").status_code == 503
