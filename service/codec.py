@@ -79,8 +79,10 @@ def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int, what: 
         ) from None
     except UnidentifiedImageError:
         raise ApiError(400, "invalid_image", f"{what}: not a PNG, JPEG or WebP image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
-        # Pillow reports truncated / corrupt data through a zoo of exception types.
+    except Exception as e:
+        # Pillow's decoders report truncated / corrupt / hostile data through a zoo of
+        # exception types (OSError, SyntaxError, ValueError, struct.error, ...): any failure
+        # to decode the client's bytes is the client's image, answered 400.
         raise ApiError(
             400, "invalid_image", f"{what}: truncated or corrupt image ({e.__class__.__name__})"
         ) from None
