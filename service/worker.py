@@ -31,6 +31,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
 import uuid
 
@@ -106,7 +107,9 @@ class RedisSource(JobSource):
                 log.warning("consumer group missing (Redis restarted?); recreating it")
                 self._groups_ok = False
                 return []
-            raise
+            log.error("Redis refused a read: %s", e)  # e.g. a key of the wrong type
+            await asyncio.sleep(min(max(timeout, 0.05), 0.5))
+            return []
         except UNAVAILABLE as e:
             self._redis_down(e)
             await asyncio.sleep(min(max(timeout, 0.05), 0.5))
@@ -357,8 +360,11 @@ def run_worker(settings, worker_id: str | None = None, metrics_port: int | None 
         )
     if not settings.redis_url:
         raise ValueError("a worker needs a Redis URL (SOFTVQ_REDIS_URL or --redis)")
+    # SIGTERM while the models load: nothing is held yet, so just exit cleanly.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     registry = ModelRegistry.from_settings(settings)
     registry.warmup()
+    signal.signal(signal.SIGTERM, previous)  # from here on the event loop handles it
     if metrics_port:
         from prometheus_client import start_http_server
 
