@@ -43,10 +43,15 @@ class OutOfMemory(JobFailed):
     """Even a single job does not fit in memory."""
 
 
+# How allocation failures read: CUDA / MPS ("out of memory") and PyTorch's CPU allocator
+# ("DefaultCPUAllocator: can't allocate memory", older builds "not enough memory").
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 def is_oom(e: BaseException) -> bool:
     if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+    return isinstance(e, RuntimeError) and any(m in str(e).lower() for m in OOM_MESSAGES)
 
 
 def guided(job: Job) -> bool:
@@ -131,6 +136,8 @@ class Executor:
             labels, seeds = p.get("labels"), p.get("seeds")
             if not (_int_list(labels, n) and _int_list(seeds, n)):
                 raise InvalidJob(f"labels and seeds must be {n} integers each")
+            if any(not 0 <= s < 2**63 for s in seeds):
+                raise InvalidJob("seeds must lie in [0, 2**63)")  # torch.Generator's range
             if any(not 0 <= y < g.num_classes for y in labels):
                 raise InvalidJob(f"class ids must be in [0, {g.num_classes}), got {labels}")
             cfg = p.get("cfg_scale", 1.0)

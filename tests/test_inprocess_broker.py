@@ -191,6 +191,7 @@ def test_invalid_payloads_fail_alone_with_invalid_job(engine_registry, engine_se
         Job("tiny", "tokenize", {"images": np.zeros((1, 3, 16, 16), np.float32), "n": 1}),
         Job("tiny", "tokenize", {"images": np.zeros((2, 3, 32, 32), np.float32), "n": 1}),
         gen_job([10], [0]),  # class id out of range (10 classes)
+        gen_job([1], [2**64]),  # a seed no torch.Generator takes
         gen_job([1], [0], steps=0),
         gen_job([1], [0], sampler="rk45"),
         Job("nope", "tokenize", {"images": np.zeros((1, 3, 32, 32), np.float32), "n": 1}),
