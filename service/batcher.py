@@ -123,6 +123,9 @@ class Batcher:
     async def step(self) -> None:
         await self._pull(0.0)  # whatever has arrived may still join a group
         self._purge_expired()
+        if self._expired:
+            await self._answer_expired()
+            return
         key, wait = self._next_due()
         if key is None:
             await self._pull(self.idle_poll if wait is None else wait)
@@ -159,10 +162,12 @@ class Batcher:
                 else:
                     del self.pending[key]
 
+    async def _answer_expired(self) -> None:
+        expired, self._expired = self._expired, []
+        await self.run_batch(expired)  # every job in it is past its deadline: none runs
+
     def _next_due(self) -> tuple[tuple | None, float | None]:
         """(group to run now, None) or (None, seconds until the first group is due)."""
-        if self._expired:
-            return ("expired",), None
         now = time.monotonic()
         due, first_wait = [], None
         for key, q in self.pending.items():
@@ -178,9 +183,6 @@ class Batcher:
         return None, first_wait
 
     def _take(self, key: tuple) -> list[Job]:
-        if key == ("expired",):
-            batch, self._expired = self._expired, []
-            return batch
         q = self.pending[key]
         batch, cost = [], 0
         while q and (not batch or cost + job_cost(q[0][1]) <= self.max_batch):
@@ -250,7 +252,7 @@ class Batcher:
 
     async def _hand_back_pending(self) -> None:
         if self._expired:
-            await self.run_batch(self._take(("expired",)))  # answered JobTimeout, not handed on
+            await self._answer_expired()  # answered JobTimeout, not handed on
         jobs = [j for q in self.pending.values() for _, j in q]
         self.pending.clear()
         if jobs:

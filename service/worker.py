@@ -90,7 +90,8 @@ class RedisSource(JobSource):
             if len(jobs) < limit:
                 # Blocking reads stay short (<= 1 s, under the client's socket timeout) so
                 # reclaiming, shutdown and a Redis outage are all noticed promptly.
-                block = int(min(timeout, 1.0) * 1000) if timeout > 0 and not jobs else None
+                # (BLOCK 0 would mean forever, hence at least 1 ms.)
+                block = max(1, int(min(timeout, 1.0) * 1000)) if timeout > 0 and not jobs else None
                 resp = await self.redis.xreadgroup(
                     self.keys.group,
                     self.consumer,
