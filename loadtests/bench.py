@@ -68,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="shorter runs (cpu: within 4 minutes)")
     p.add_argument("--out", required=True, help="directory for results.json and results.md")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (cpu preset default: 1, see BENCHMARKS.md; gpu: torch's)",
+    )
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     args = p.parse_args(argv)
     parts = [x for x in args.parts.split(",") if x]
@@ -78,8 +83,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.preset == "gpu" and not torch.cuda.is_available():
         p.error("--preset gpu needs a CUDA device")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    # On the shared 2-core machine this suite is calibrated on, other jobs keep the load at
+    # 5-10: with 2 intra-op threads every small op waits at an OpenMP barrier for a thread
+    # the scheduler parked, and the many small ops of the 1-D pipelines slowed ~4x while
+    # the 2-D pipeline's big convolutions barely noticed. One thread compares them fairly.
+    threads = args.threads or (1 if args.preset in ("cpu", "tiny") else None)
+    if threads:
+        torch.set_num_threads(threads)
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
     preset = presets.get(args.preset, args.quick)
     dtype = getattr(torch, preset.dtype)

@@ -72,6 +72,10 @@ class ServerThread:
         self.thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(timeout=120)
@@ -150,7 +154,7 @@ async def _open_loop(client, n: int, rate: float, steps: int, seed: int) -> dict
     }
 
 
-async def _drive(base: str, preset: Preset, raw: RawModel, log) -> dict:
+async def _drive(base: str, preset: Preset, raw: RawModel, server: ServerThread, log) -> dict:
     import httpx
 
     limits = httpx.Limits(
@@ -158,8 +162,18 @@ async def _drive(base: str, preset: Preset, raw: RawModel, log) -> dict:
         max_keepalive_connections=preset.service_clients * 2,
     )
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+        # uvicorn binds the port only after the app's startup (model loading); then /readyz
+        # says 503 until every batch bucket is warm.
         deadline = time.monotonic() + 600
-        while (await client.get("/readyz")).status_code != 200:  # warm-up of every bucket
+        while True:
+            try:
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if not server.alive:
+                    raise RuntimeError(
+                        "the service thread exited during startup (see its log above)"
+                    ) from None
             if time.monotonic() > deadline:
                 raise RuntimeError("service not ready after 600 s")
             await asyncio.sleep(0.2)
@@ -221,8 +235,8 @@ def run(preset: Preset, device: torch.device, dtype: torch.dtype, workdir: Path,
         host="127.0.0.1",
         port=port,
     )
-    with ServerThread(create_app(settings), port):
-        out = asyncio.run(_drive(f"http://127.0.0.1:{port}", preset, raw, log))
+    with ServerThread(create_app(settings), port) as server:
+        out = asyncio.run(_drive(f"http://127.0.0.1:{port}", preset, raw, server, log))
     out["service_efficiency"] = out["saturation_images_per_s"] / out["raw_images_per_s"]
     out["batching_gain"] = out["saturation_images_per_s"] / out["sequential_images_per_s"]
     out["config"] = {
