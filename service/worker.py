@@ -48,6 +48,20 @@ from .serialization import dump_job, dump_outcome, load_job
 log = logging.getLogger("softvq.worker")
 
 HEARTBEAT_INTERVAL_S = 1.0
+# Keep-alive of held entries, only those this consumer still owns (a plain XCLAIM would take
+# back an entry another worker had already reclaimed). KEYS: stream; ARGV: group, consumer,
+# entry ids. Returns how many were kept.
+KEEP = """
+local kept = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept = kept + 1
+  end
+end
+return kept
+"""
 HEARTBEAT_TTL_S = 5
 
 
@@ -129,6 +143,10 @@ class RedisSource(JobSource):
             except (KeyError, ValueError) as e:
                 log.warning("dropping malformed entry %s of %s: %s", entry_id, stream, e)
                 bad.append(entry_id)
+                continue
+            if deliveries is not None and job.id in self.entries:
+                # XAUTOCLAIM cannot skip this consumer's own entries: one that sat idle here
+                # (e.g. the event loop stalled) came back to us. We still hold it; carry on.
                 continue
             self.entries[job.id] = (stream, entry_id, reply)
             if deliveries is not None:
@@ -249,16 +267,21 @@ class RedisSource(JobSource):
             )
 
     # --- keeping held jobs ----------------------------------------------------------------
-    async def keep(self, jobs: list[Job]) -> None:
-        """Reset the idle time of entries this worker still holds (XCLAIM JUSTID does not
-        count a delivery), so no other worker takes them over while they wait or run."""
+    async def keep(self, jobs: list[Job]) -> int:
+        """Reset the idle time of entries this worker still owns (XCLAIM JUSTID does not
+        count a delivery), so no other worker takes them over while they wait or run.
+        An entry another worker already took over is left to it. Returns entries kept."""
         by_stream: dict[str, list[str]] = {}
         for job in jobs:
             if job.id in self.entries:
                 stream, entry_id, _ = self.entries[job.id]
                 by_stream.setdefault(stream, []).append(entry_id)
+        kept = 0
         for stream, ids in by_stream.items():
-            await self.redis.xclaim(stream, self.keys.group, self.consumer, 0, ids, justid=True)
+            kept += int(
+                await self.redis.eval(KEEP, 1, stream, self.keys.group, self.consumer, *ids)
+            )
+        return kept
 
     def _redis_down(self, e: Exception) -> None:
         if self._down_since is None:

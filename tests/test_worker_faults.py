@@ -1,13 +1,15 @@
-"""Worker faults with real Redis: a SIGKILLed worker's jobs are reclaimed and answered once,
-SIGTERM hands unstarted jobs back, a poisoned job is retried then failed while the worker
+"""Worker faults with real Redis: a live worker's held jobs are never taken over, a SIGKILLed
+worker's jobs are reclaimed and answered once, SIGTERM hands unstarted jobs back, a poisoned job is retried then failed while the worker
 keeps serving, and a job whose workers keep dying is given up after max_attempts."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -18,6 +20,7 @@ from service.broker.redis_streams import Keys, RedisBroker
 from service.jobs import Job, JobFailed
 from service.registry import ModelRegistry
 from service.worker import RedisSource, Worker
+from tests.redis_server import free_port
 from tests.test_batcher import Watched, gen_job, tok_job
 from tests.test_redis_broker import assert_matches, expected, mixed_jobs, wait_ready
 
@@ -35,6 +38,17 @@ def held_by(r: redis.Redis, stream_keys: list[str], group: str, consumer: str) -
     return total
 
 
+def most_deliveries(r: redis.Redis, stream_keys: list[str], group: str) -> int:
+    """Highest delivery count among pending entries (1 = never taken over or reclaimed)."""
+    counts = [
+        p["times_delivered"]
+        for s in stream_keys
+        if r.exists(s)
+        for p in r.xpending_range(s, group, "-", "+", 1000)
+    ]
+    return max(counts, default=0)
+
+
 def all_streams(settings) -> list[str]:
     keys = Keys(settings.stream_prefix)
     reg = ModelRegistry.from_settings(settings, load_weights=False)
@@ -50,12 +64,28 @@ async def wait_until(cond, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def run_fault(redis_server, spawn_worker, settings, jobs, fault, holder_settings, rescuer_settings):
-    """Worker "holder" (configured to sit on its jobs) takes every job; ``fault(proc)``
-    hits it; worker "rescuer" must then answer every job. Returns the results."""
+def job_retries(metrics_text: str) -> float:
+    found = re.findall(r"^softvq_job_retries_total\{[^}]*\} (\S+)$", metrics_text, re.M)
+    return sum(float(v) for v in found)
+
+
+# A holder that takes jobs and waits (a long max_wait on a big batch) holds them unrun; to
+# Redis that is the same as a worker in the middle of a batch.
+HOLDER = {"max_wait_ms": 60_000, "max_batch_size": 64}
+VISIBILITY_S = 1.0
+
+
+def run_fault(redis_server, spawn_worker, jobs, fault, settings):
+    """Worker "holder" (configured to sit on its jobs) takes every job. Worker "rescuer"
+    starts; for three visibility timeouts it must not take any of them (the holder keeps
+    them alive). Then ``fault(holder)``; the rescuer must answer every job.
+    Returns (holder process, results, jobs the rescuer reclaimed)."""
     r = redis.Redis.from_url(redis_server.url)
-    streams, group = all_streams(settings), Keys(settings.stream_prefix).group
-    holder = spawn_worker(redis_server.url, "holder", **holder_settings)
+    keys = Keys(settings.stream_prefix)
+    streams = all_streams(settings)
+    common = {"visibility_timeout_s": VISIBILITY_S}
+    holder = spawn_worker(redis_server.url, "holder", **HOLDER, **common)
+    port = free_port()
 
     async def main():
         broker = RedisBroker(settings)
@@ -63,26 +93,24 @@ def run_fault(redis_server, spawn_worker, settings, jobs, fault, holder_settings
         try:
             await wait_ready(broker)
             waiting = [asyncio.create_task(broker.submit(j)) for j in jobs]
-            await wait_until(
-                lambda: held_by(r, streams, group, "holder") == len(jobs),
-                30,
-                "the holder to take every job",
-            )
+            every_job_held = lambda: held_by(r, streams, keys.group, "holder") == len(jobs)  # noqa: E731
+            await wait_until(every_job_held, 30, "the holder to take every job")
+            spawn_worker(redis_server.url, "rescuer", metrics_port=port, max_wait_ms=5, **common)
+            await wait_until(lambda: r.exists(keys.worker("rescuer")), 60, "the rescuer")
+            await asyncio.sleep(3 * VISIBILITY_S)
+            assert every_job_held(), "a live worker's jobs were taken over"
+            # ... nor even reclaimed by itself: its keep-alive leaves the delivery count at 1.
+            assert most_deliveries(r, streams, keys.group) == 1
             await asyncio.to_thread(fault, holder)  # keep this event loop serving
-            spawn_worker(redis_server.url, "rescuer", **rescuer_settings)
-            return await asyncio.gather(*waiting)
+            results = await asyncio.gather(*waiting)
+            return results, job_retries(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
         finally:
             await broker.stop()
 
-    results = asyncio.run(asyncio.wait_for(main(), 120))
+    results, reclaimed = asyncio.run(asyncio.wait_for(main(), 120))
     for s in streams:  # every entry answered, acked and deleted
-        assert r.xlen(s) == 0 and r.xpending(s, group)["pending"] == 0
-    return holder, results
-
-
-# A holder that takes jobs and waits (a long max_wait on a big batch) holds them unrun; to
-# Redis that is the same as a worker in the middle of a batch.
-HOLDER = {"max_wait_ms": 60_000, "max_batch_size": 64}
+        assert r.xlen(s) == 0 and r.xpending(s, keys.group)["pending"] == 0
+    return holder, results, reclaimed
 
 
 def test_sigkilled_worker_jobs_are_reclaimed_and_answered_once(
@@ -95,16 +123,9 @@ def test_sigkilled_worker_jobs_are_reclaimed_and_answered_once(
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
 
-    holder, results = run_fault(
-        redis_server,
-        spawn_worker,
-        settings,
-        jobs,
-        sigkill,
-        {**HOLDER, "visibility_timeout_s": 2.0},
-        {"visibility_timeout_s": 2.0, "max_wait_ms": 5},
-    )
+    holder, results, reclaimed = run_fault(redis_server, spawn_worker, jobs, sigkill, settings)
     assert holder.returncode == -signal.SIGKILL
+    assert reclaimed == len(jobs)  # each taken over once, after the visibility timeout
     for job, res in zip(jobs, results, strict=True):
         assert_matches(res, expected(engine_registry, job))
 
@@ -112,23 +133,15 @@ def test_sigkilled_worker_jobs_are_reclaimed_and_answered_once(
 def test_sigterm_hands_unstarted_jobs_back(
     redis_server, spawn_worker, engine_settings_factory, engine_registry
 ):
-    # Visibility timeout far beyond the test: only the hand-back can get these jobs done.
-    settings = engine_settings_factory(redis_url=redis_server.url, request_timeout_s=45)
+    settings = engine_settings_factory(redis_url=redis_server.url, request_timeout_s=60)
     jobs = mixed_jobs(8)
 
     def sigterm(proc):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0  # finished its (empty) batch, handed back, exited cleanly
 
-    _, results = run_fault(
-        redis_server,
-        spawn_worker,
-        settings,
-        jobs,
-        sigterm,
-        {**HOLDER, "visibility_timeout_s": 600},
-        {"visibility_timeout_s": 600, "max_wait_ms": 5},
-    )
+    _, results, reclaimed = run_fault(redis_server, spawn_worker, jobs, sigterm, settings)
+    assert reclaimed == 0  # handed back as fresh entries, not reclaimed after a timeout
     for job, res in zip(jobs, results, strict=True):
         assert_matches(res, expected(engine_registry, job))
 
