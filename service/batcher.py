@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -72,6 +73,7 @@ class Batcher:
         source: JobSource,
         worker_id: str = "embedded",
         idle_poll_s: float = 0.25,
+        max_held: int | None = None,
     ):
         self.settings = settings
         self.executor = executor
@@ -81,6 +83,10 @@ class Batcher:
         self.max_wait = settings.max_wait_ms / 1000.0
         self.max_attempts = settings.max_attempts
         self.idle_poll = idle_poll_s
+        # Most jobs held waiting at once. Embedded: everything queued (all of it is ours, and
+        # seeing it all makes the fullest batches). Redis workers pass a bound so that jobs
+        # they cannot start soon stay in the stream for other workers.
+        self.max_held = max_held
         # Jobs held but not yet running, by group, oldest first: (time received, job).
         self.pending: dict[tuple, deque[tuple[float, Job]]] = {}
         self.running: list[Job] = []
@@ -139,7 +145,7 @@ class Batcher:
             if not self._drain:
                 return
             timeout = 0.0
-        room = 2 * self.max_batch - self.held_count()
+        room = (self.max_held or sys.maxsize) - self.held_count()
         if room <= 0:
             return
         for job in await self.source.fetch(timeout, room):

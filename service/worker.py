@@ -315,7 +315,15 @@ class Worker:
     async def run(self) -> None:
         redis = connect(self.settings.redis_url)
         source = RedisSource(self.settings, self.registry, redis, self.worker_id)
-        self.batcher = Batcher(self.settings, Executor(self.registry), source, self.worker_id)
+        # Hold at most two batches' worth (XREADGROUP's COUNT applies per stream, so a read
+        # may bring up to this many from each): the rest stays for other workers.
+        self.batcher = Batcher(
+            self.settings,
+            Executor(self.registry),
+            source,
+            self.worker_id,
+            max_held=2 * self.settings.max_batch_size,
+        )
         if self._stop_requested:
             self.batcher.stop(drain=False)
         loop = asyncio.get_running_loop()
