@@ -1160,14 +1160,6 @@ def test_real_prometheus_evaluates_every_dashboard_query_and_alert(compose_topol
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/broker/redis_streams.py cancels a timed-out job with XDEL of its "
-    "undelivered entry; the tombstone makes Redis report the group's lag as NULL (read as 0 "
-    "by KEDA's go-redis client) until workers catch up with the whole stream, so KEDA sees "
-    "no backlog exactly when requests time out. Fix: cancel by marker only (workers already "
-    "drop cancelled jobs unrun), then remove this xfail.",
-)
 def test_keda_lag_stays_readable_after_a_request_times_out(tiny_env):
     """A request that times out while queued must leave the lag KEDA scales on readable."""
     import redis as redis_py

@@ -137,7 +137,9 @@ def test_mixed_concurrent_jobs_on_two_workers(
     assert len(done) == 64 and all(0 < r.ttl(k) <= settings.result_ttl_s for k in done)
 
 
-def test_queue_bound_and_deadline_without_workers(redis_server, engine_settings_factory):
+def test_queue_bound_and_deadline_without_workers(
+    redis_server, engine_settings_factory, spawn_worker
+):
     settings = engine_settings_factory(redis_url=redis_server.url, queue_max=2)
     r = redis.Redis.from_url(redis_server.url)
     stream = Keys(settings.stream_prefix).stream("tiny", "tokenize")
@@ -147,7 +149,8 @@ def test_queue_bound_and_deadline_without_workers(redis_server, engine_settings_
         await broker.start()
         try:
             assert await broker.ready() == (False, "no worker heartbeat")
-            held = [asyncio.create_task(broker.submit(tok_job(1, i))) for i in range(2)]
+            held_jobs = [tok_job(1, i) for i in range(2)]
+            held = [asyncio.create_task(broker.submit(j)) for j in held_jobs]
             await asyncio.sleep(0.2)
             assert await broker.queue_depth("tiny", "tokenize") == 2
             with pytest.raises(QueueFull):
@@ -163,13 +166,25 @@ def test_queue_bound_and_deadline_without_workers(redis_server, engine_settings_
             await asyncio.sleep(0.2)
         finally:
             await broker.stop()
-        return late
+        return late, held_jobs
 
-    late = asyncio.run(asyncio.wait_for(main(), 30))
-    # Abandoned and expired jobs were deleted from their streams and marked cancelled.
-    assert r.xlen(stream) == 0
-    assert r.xlen(Keys(settings.stream_prefix).stream("tiny", "decode")) == 0
-    assert r.exists(Keys(settings.stream_prefix).cancel(late.id))
+    late, held_jobs = asyncio.run(asyncio.wait_for(main(), 30))
+    # Abandoned and expired jobs are marked cancelled (a worker drops them unrun). Their
+    # entries stay until then: deleting undelivered entries would blind KEDA's lag metric.
+    keys = Keys(settings.stream_prefix)
+    assert r.xlen(stream) == 2
+    for job in [late, *held_jobs]:
+        assert r.exists(keys.cancel(job.id))
+    # A worker that comes up drops them unrun: the streams drain, nothing is processed.
+    port = free_port()
+    spawn_worker(redis_server.url, "w-late", metrics_port=port)
+    deadline = time.time() + 60
+    while time.time() < deadline and (r.xlen(stream) or r.xlen(keys.stream("tiny", "decode"))):
+        time.sleep(0.2)
+    assert r.xlen(stream) == 0 and r.xlen(keys.stream("tiny", "decode")) == 0
+    assert (
+        "softvq_images_processed_total{" not in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    )
 
 
 def test_redis_outage_fails_fast_then_recovers(

@@ -175,16 +175,15 @@ class RedisBroker(Broker):
         return outcome
 
     def _cancel_later(self, job: Job, stream: str, entry_id) -> None:
-        """Drop a job nobody waits for: delete its entry if no worker took it yet, and mark
-        it cancelled for a worker that already holds it. Runs as its own task because the
-        caller may itself be cancelled."""
+        """Drop a job nobody waits for by marking it cancelled: the worker that reads it
+        acks and deletes it unrun. The entry is deliberately NOT deleted here: an XDEL of an
+        undelivered entry makes Redis report the group's lag as NULL until the workers have
+        read past it, and KEDA (which scales on that lag) would then see no backlog exactly
+        when requests time out. Runs as its own task because the caller may be cancelled."""
 
         async def cancel():
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.set(self.keys.cancel(job.id), 1, ex=ttl_seconds(self.settings))
-                    pipe.xdel(stream, entry_id)
-                    await pipe.execute()
+                await self.redis.set(self.keys.cancel(job.id), 1, ex=ttl_seconds(self.settings))
             except RedisError as e:
                 log.info("could not cancel job %s: %s", job.id, e)
 
