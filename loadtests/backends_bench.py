@@ -18,6 +18,8 @@ from . import models
 from .flops import count_flops, matmul_rate, time_call
 from .presets import Preset
 
+ROUNDS = 5
+
 
 def run(preset: Preset, device: torch.device, dtype: torch.dtype, cache_dir: Path, log) -> dict:
     width, depth, heads = preset.backend_vit
@@ -44,10 +46,10 @@ def run(preset: Preset, device: torch.device, dtype: torch.dtype, cache_dir: Pat
         except Exception as e:  # e.g. onnx with bfloat16: recorded, not fatal
             errors[name] = f"{type(e).__name__}: {e}"[:300]
             log(f"  {name}: skipped ({errors[name]})")
-    # Round-robin over backends (and the matmul yardstick), best of 3 each: all see the
-    # same mix of machine load.
+    # Round-robin over backends (and the matmul yardstick), best of `rounds` each: all see
+    # the same mix of machine load, and the best round is the least disturbed one.
     matmul = 0.0
-    for _ in range(3):
+    for _ in range(ROUNDS):
         matmul = max(matmul, matmul_rate(device, dtype, preset.matmul_sizes, reps=2))
         for name, r in runners.items():
             enc = B / time_call(lambda r=r: r.encode(images), device, reps=1, warm=0)
