@@ -50,8 +50,11 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "compile", "onnx", "auto")
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
-# Measured by `python -m loadtests.bench` (BENCHMARKS.md): what `auto` picks without timing.
-AUTO_DEFAULTS = {"cpu": "compile", "cuda": "compile"}
+# What `auto` picks without timing (measure=False). cpu: ONNX Runtime was the best or within
+# noise of the best tokenizer backend in every CPU benchmark run (BENCHMARKS.md) and builds
+# in seconds; it needs float32, so bfloat16 falls back to eager. cuda: not yet measured;
+# compile (CUDA graphs, max-autotune) is the expected winner.
+AUTO_DEFAULTS = {"cpu": "onnx", "cuda": "compile"}
 ONNX_OPSET = 17
 
 
