@@ -37,8 +37,17 @@ class GraphedODESampler:
     Static inputs: noise (B, ...), labels (B,), per-sample guidance scale (B,) float64.
     """
 
-    def __init__(self, model, batch: int, sample_shape: tuple[int, ...], steps: int, sampler: str = "euler",
-                 guidance_interval: tuple[float, float] = (0.0, 1.0), guided: bool = False, capture: bool = True):
+    def __init__(
+        self,
+        model,
+        batch: int,
+        sample_shape: tuple[int, ...],
+        steps: int,
+        sampler: str = "euler",
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        guided: bool = False,
+        capture: bool = True,
+    ):
         if sampler not in GRAPH_SAMPLERS:
             raise ValueError(f"graphed sampling supports {GRAPH_SAMPLERS}, not {sampler!r}")
         dev = model.device
@@ -60,7 +69,9 @@ class GraphedODESampler:
         B, dtype = x.shape[0], self.model.dtype
         if self.guided and self.lo <= t_guide <= self.hi:
             t = torch.full((2 * B,), t_model, dtype=dtype, device=x.device)
-            v = self.model(torch.cat([x, x]).to(dtype), t, torch.cat([self.labels, self.null])).double()
+            v = self.model(
+                torch.cat([x, x]).to(dtype), t, torch.cat([self.labels, self.null])
+            ).double()
             cond, uncond = v[:B], v[B:]
             s = self.scale.reshape(-1, *([1] * (x.ndim - 1)))
             use = (self.scale > 1.0).reshape_as(s)
@@ -93,7 +104,9 @@ class GraphedODESampler:
             self.out = self._loop()
 
     @torch.inference_mode()
-    def __call__(self, noise: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, noise: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
         """noise (B, ...), labels (B,), scale (B,) -> latents (B, ...) in noise's dtype."""
         self.noise.copy_(noise)
         self.labels.copy_(labels)
@@ -108,16 +121,28 @@ _cache: OrderedDict[tuple, GraphedODESampler] = OrderedDict()
 
 
 @torch.no_grad()
-def sample_graphed(gen, noise: torch.Tensor, labels: torch.Tensor, steps: int, sampler: str = "euler",
-                   cfg_scale: float | torch.Tensor = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
-                   path: str = "linear", generators=None) -> torch.Tensor:
+def sample_graphed(
+    gen,
+    noise: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    sampler: str = "euler",
+    cfg_scale: float | torch.Tensor = 1.0,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    path: str = "linear",
+    generators=None,
+) -> torch.Tensor:
     """Like model.sampling.sample; on CUDA the ODE samplers replay a cached CUDA graph.
 
     Graphs are cached per (model, batch, shape, steps, sampler, interval, guided), at most
     MAX_CACHED_GRAPHS of them (each holds its own memory pool).
     """
-    if not (noise.is_cuda and sampler in GRAPH_SAMPLERS and torch.cuda.is_available()):
-        return sample(gen, noise, labels, steps, sampler, cfg_scale, guidance_interval, path, generators)
+    # A `compile` runner captures its own CUDA graphs (max-autotune); graphs do not nest.
+    eager = getattr(gen, "backend", "eager") == "eager"
+    if not (noise.is_cuda and eager and sampler in GRAPH_SAMPLERS and torch.cuda.is_available()):
+        return sample(
+            gen, noise, labels, steps, sampler, cfg_scale, guidance_interval, path, generators
+        )
     B = noise.shape[0]
     if labels.shape != (B,):
         raise ValueError(f"labels must have shape ({B},), got {tuple(labels.shape)}")
@@ -125,10 +150,20 @@ def sample_graphed(gen, noise: torch.Tensor, labels: torch.Tensor, steps: int, s
         raise ValueError(f"class ids must be in [0, {gen.num_classes}), got {labels.tolist()}")
     scale = torch.as_tensor(cfg_scale, dtype=torch.float64, device=noise.device).expand(B)
     guided = bool((scale > 1.0).any())
-    key = (id(gen), B, tuple(noise.shape[1:]), int(steps), sampler, tuple(guidance_interval), guided)
+    key = (
+        id(gen),
+        B,
+        tuple(noise.shape[1:]),
+        int(steps),
+        sampler,
+        tuple(guidance_interval),
+        guided,
+    )
     graphed = _cache.get(key)
     if graphed is None:
-        graphed = GraphedODESampler(gen, B, tuple(noise.shape[1:]), steps, sampler, guidance_interval, guided)
+        graphed = GraphedODESampler(
+            gen, B, tuple(noise.shape[1:]), steps, sampler, guidance_interval, guided
+        )
         _cache[key] = graphed
         while len(_cache) > MAX_CACHED_GRAPHS:
             _cache.popitem(last=False)
