@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections import Counter
 
 import pytest
 import schemathesis
@@ -22,6 +23,7 @@ from tests.redis_server import free_port
 from tests.test_serve_uvicorn import softvq_command, wait_http_ready
 
 EXAMPLES = 20  # per operation
+SEEN: Counter = Counter()  # (method path, status) -> count, printed at the end of the module
 CALL_TIMEOUT_S = 30  # a hang shows up as a timeout error, which fails the test
 
 
@@ -42,6 +44,7 @@ def server(api_env, tmp_path_factory):
         wait_http_ready(base, proc)
         yield base, proc
     finally:
+        print("fuzzed answers:", dict(sorted(SEEN.items())))
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(30)
@@ -73,6 +76,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 def test_no_5xx_and_every_error_is_json(case, server):
     base, proc = server
     response = case.call(base_url=base, timeout=CALL_TIMEOUT_S)
+    SEEN[(f"{case.method} {case.path}", response.status_code)] += 1
     what = (case.path, response.status_code, response.text[:300])
     if response.status_code == 504:
         # Only a deadline the caller chose itself may pass (``timeout_s``, e.g. 1e-300 s).
