@@ -79,6 +79,14 @@ def batches(stack: Stack, worker: str, model: str, task: str) -> float:
     return metric(stack.metrics(worker), "softvq_batch_size_count", model=model, task=task)
 
 
+def freeze(stack: Stack, worker: str) -> None:
+    """SIGSTOP a worker so that it takes no new job. A read it was blocked in when stopped is
+    still served by Redis (a job would land in the frozen worker's pending list), so wait out
+    the longest blocking read a worker issues (1 s)."""
+    stack.procs[worker].send_signal(signal.SIGSTOP)
+    time.sleep(1.5)
+
+
 def pending_of(r: redis.Redis, stream: str) -> dict[str, int]:
     """consumer -> deliveries it holds unacknowledged on ``stream``."""
     if not r.exists(stream):
@@ -190,11 +198,11 @@ def test_sigterm_worker_finishes_its_batch_and_hands_back_then_api_drains(make_s
     stack = make_stack(SOFTVQ_VISIBILITY_TIMEOUT_S="600")
     stack.redis.start()
     stack.spawn_api()
-    stack.spawn_worker("w1", SOFTVQ_MAX_WAIT_MS="1500")
+    stack.spawn_worker("w1", SOFTVQ_MAX_WAIT_MS="3000")
     stack.spawn_worker("w2")
     stack.wait_ready("api")
     stack.wait_workers(2)
-    stack.procs["w2"].send_signal(signal.SIGSTOP)  # the rescuer, frozen until w1 is stopped
+    freeze(stack, "w2")  # the rescuer, frozen until w1 is stopped
     base = stack.url()
     r = redis.Redis.from_url(stack.redis_url)
 
@@ -254,7 +262,7 @@ def test_job_run_twice_is_answered_once(make_stack):
     stack.spawn_worker("w1")
     stack.spawn_worker("w2", SOFTVQ_MAX_WAIT_MS="5")
     stack.wait_workers(2)
-    stack.procs["w2"].send_signal(signal.SIGSTOP)  # so that w1 takes the job
+    freeze(stack, "w2")  # so that w1 takes the job
     r = redis.Redis.from_url(stack.redis_url)
     keys = Keys(PREFIX)
     stream, reply = keys.stream("sit-tiny", "generate"), keys.reply("test-caller")
