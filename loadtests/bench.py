@@ -1,7 +1,7 @@
 """The benchmark suite of softvq-serve.
 
-    python -m loadtests.bench --preset cpu --out bench-out          # ~15 min on 2 cores
-    python -m loadtests.bench --preset cpu --quick --out bench-out  # ~4 min
+    python -m loadtests.bench --preset cpu --out bench-out          # 4-9 min on 2 shared cores
+    python -m loadtests.bench --preset cpu --quick --out bench-out  # ~2 min
     python -m loadtests.bench --preset gpu --out bench-out          # real sizes, bfloat16
 
 Writes DIR/results.json and DIR/results.md. Parts (``--parts``, default all):
