@@ -193,13 +193,17 @@ def test_graphed_loop_matches_sample(sampler):
     scale = torch.tensor([1.0, 4.0, 0.5, 2.5], dtype=torch.float64)  # mixed: some unguided
     interval = (0.2, 0.7)  # some steps guided, some not
     want = sample(runner, noise, labels, 6, sampler, cfg_scale=scale, guidance_interval=interval)
-    loop = GraphedODESampler(runner, 4, noise.shape[1:], 6, sampler, interval, guided=True, capture=False)
+    loop = GraphedODESampler(
+        runner, 4, noise.shape[1:], 6, sampler, interval, guided=True, capture=False
+    )
     got = loop(noise, labels, scale)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # unguided
     want = sample(runner, noise, labels, 6, sampler)
     loop = GraphedODESampler(runner, 4, noise.shape[1:], 6, sampler, guided=False, capture=False)
-    torch.testing.assert_close(loop(noise, labels, torch.ones(4, dtype=torch.float64)), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        loop(noise, labels, torch.ones(4, dtype=torch.float64)), want, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_sample_graphed_on_cpu_is_sample():
@@ -207,7 +211,9 @@ def test_sample_graphed_on_cpu_is_sample():
     from model.sampling import sample
 
     gen = make_generator()
-    noise = torch.randn(2, gen.num_tokens, gen.token_dim, generator=torch.Generator().manual_seed(2))
+    noise = torch.randn(
+        2, gen.num_tokens, gen.token_dim, generator=torch.Generator().manual_seed(2)
+    )
     labels = torch.tensor([0, 5])
     got = sample_graphed(gen, noise, labels, 3, "euler", cfg_scale=3.0)
     assert torch.equal(got, sample(gen, noise, labels, 3, "euler", cfg_scale=3.0))
