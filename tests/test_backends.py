@@ -20,9 +20,8 @@ BUCKETS = [1, 4]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(
-        (a.detach().float() - b.detach().float()).norm() / b.float().norm().clamp_min(1e-12)
-    )
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 def assert_close(a, b, dtype):
