@@ -98,8 +98,6 @@ class Executor:
             return self.compute(jobs)
         except Exception as e:  # noqa: BLE001 - every failure is mapped to the jobs it hit
             oom = is_oom(e)
-            if oom and torch.cuda.is_available():
-                torch.cuda.empty_cache()
             if len(jobs) == 1:
                 job = jobs[0]
                 if oom:
@@ -113,8 +111,13 @@ class Executor:
                 "out of memory" if oom else f"{type(e).__name__}",
                 len(jobs),
             )
-            half = len(jobs) // 2
-            return self._run_split(jobs[:half]) + self._run_split(jobs[half:])
+        # The halves run outside the except block: until it ends, the exception's traceback
+        # keeps the failed attempt's frames -- and their tensors -- alive, and the halves
+        # would run out of the very memory the split is meant to free.
+        if oom and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        half = len(jobs) // 2
+        return self._run_split(jobs[:half]) + self._run_split(jobs[half:])
 
     # --- validation (per job, before anything is batched) ----------------------------------
     def validate(self, job: Job) -> None:
