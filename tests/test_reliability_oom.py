@@ -14,13 +14,15 @@ allocator itself refuses it.
 from __future__ import annotations
 
 import asyncio
+import weakref
 
+import numpy as np
 import pytest
 import torch
 
 from service import metrics
-from service.executor import is_oom
-from service.jobs import JobFailed
+from service.executor import Executor, is_oom
+from service.jobs import Job, JobFailed
 from tests.test_batcher import tok_job
 from tests.test_redis_broker import assert_matches, expected
 from tests.test_worker_faults import run_with_worker
@@ -94,3 +96,45 @@ def test_redis_worker_splits_a_batch_on_allocation_failure(
     assert hungry.sizes[3:] == [4], hungry.sizes
     assert error.status == 500 and error.code == "job_failed"
     assert metrics.JOB_RETRIES.labels(model="tiny", task="tokenize")._value.get() == retries
+
+
+class FailsHoldingMemory:
+    """The real runner; a batch of more than ``fits`` rows first allocates its activations
+    (a tensor the test can watch through a weak reference), then runs out of memory."""
+
+    def __init__(self, runner, fits: int):
+        self.runner, self.fits = runner, fits
+        self.held: list[weakref.ref] = []
+        self.alive_at_retry: list[bool] = []
+
+    def decode(self, x):
+        # Whatever a failed attempt allocated must be gone when the next attempt starts.
+        self.alive_at_retry += [ref() is not None for ref in self.held]
+        if x.shape[0] > self.fits:
+            activations = torch.empty(x.shape[0], 1024, 1024)  # noqa: F841 - held by the frame
+            self.held.append(weakref.ref(activations))
+            torch.empty(IMPOSSIBLE * x.shape[0], dtype=torch.uint8)
+        return self.runner.decode(x)
+
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+
+def test_halves_run_after_the_failed_attempt_released_its_memory(engine_registry):
+    """Retrying inside the ``except`` block would keep the exception's traceback -- and with
+    it every tensor of the failed attempt -- alive while the halves run, so on a full device
+    the halves would run out of memory too."""
+    tok = engine_registry.tokenizer("tiny")
+    direct = tok.runner
+    tok.runner = watched = FailsHoldingMemory(direct, fits=2)
+    jobs = [
+        Job("tiny", "decode", {"tokens": np.full((1, 8, 8), i / 10, np.float32), "n": 1})
+        for i in range(4)
+    ]
+    try:
+        outcomes = Executor(engine_registry).run(jobs)
+    finally:
+        tok.runner = direct
+    assert all(isinstance(o, dict) for o in outcomes), outcomes
+    assert len(watched.held) == 1 and watched.alive_at_retry  # one failure, then retries
+    assert not any(watched.alive_at_retry), "the halves ran while the failed batch's tensors lived"
