@@ -231,3 +231,21 @@ def test_cli_rejects_missing_data_folder(tmp_path, capsys):
     )
     assert code == 2
     assert "--data" in capsys.readouterr().err
+
+
+def test_sincos_position_init_is_the_2d_table(tmp_path):
+    from model.sit import sincos_2d
+    from model.tokenizer import SoftVQTokenizer
+    from model.training.tokenizer_trainer import init_for_small_widths
+
+    cfg = tok_config(tmp_path / "t")
+    tok = SoftVQTokenizer(cfg.model_config())
+    init_for_small_widths(tok, 0.5, "sincos")
+    for vit in (tok.encoder.model, tok.decoder.model):
+        assert torch.equal(vit.pos_embed[0, 0], torch.zeros(vit.embed_dim))
+        torch.testing.assert_close(vit.pos_embed[0, 1:], sincos_2d(vit.embed_dim, vit.grid).float())
+    with pytest.raises(ValueError, match="pos_init"):
+        init_for_small_widths(tok, 0.5, "bogus")
+    # A sincos run trains and resumes like any other.
+    history = train_tokenizer(tok_config(tmp_path / "s", pos_init="sincos"), quiet=True)
+    assert len(history) == 6

@@ -31,6 +31,12 @@ def register(sub) -> None:
         "--grad-weight", type=float, default=0.5, help="weight of the image-gradient (edge) L1 term"
     )
     p.add_argument("--entropy-weight", type=float, default=0.002)
+    p.add_argument(
+        "--pos-init",
+        choices=("random", "sincos"),
+        default="random",
+        help="patch position embeddings at init (sincos learns much faster)",
+    )
     p.set_defaults(func=_train_tokenizer)
 
     p = sub.add_parser("train-generator", help="train a SiT on a tokenizer's latents (resumable)")
@@ -124,6 +130,7 @@ def _train_tokenizer(args) -> int:
         lr=args.lr,
         grad_weight=args.grad_weight,
         entropy_weight=args.entropy_weight,
+        pos_init=args.pos_init,
         seed=args.seed,
         ckpt=args.ckpt,
         ckpt_every=args.ckpt_every,
