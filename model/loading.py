@@ -92,7 +92,15 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
     module.load_state_dict(state, strict=False)
 
 
-def _place(module: nn.Module, device, dtype) -> nn.Module:
+def _build_and_load(path: str | Path, build, device, dtype) -> nn.Module:
+    """Build the architecture on the meta device (no memory, no random init), then fill it
+    from the checkpoint; move to ``device``/``dtype``; eval mode, no gradients."""
+    state = read_state_dict(path)
+    with torch.device("meta"):
+        module = build()
+    module = module.to_empty(device="cpu")
+    load_into(module, state, str(path))
+    _zero_unloaded(module, state)
     module = module.to(device=device or "cpu")
     if dtype is not None:
         module = module.to(dtype=dtype)
@@ -102,24 +110,13 @@ def _place(module: nn.Module, device, dtype) -> nn.Module:
 def load_tokenizer(path: str | Path, device=None, dtype=None) -> SoftVQTokenizer:
     """A released (or project-trained) tokenizer directory -> SoftVQTokenizer in eval mode."""
     cfg = TokenizerConfig.from_dict(read_config(path))
-    state = read_state_dict(path)
-    with torch.device("meta"):
-        tok = SoftVQTokenizer(cfg)
-    tok = tok.to_empty(device="cpu")
-    load_into(tok, state, str(path))
-    _zero_unloaded(tok, state)
-    return _place(tok, device, dtype)
+    return _build_and_load(path, lambda: SoftVQTokenizer(cfg), device, dtype)
 
 
 def load_generator(path: str | Path, device=None, dtype=None) -> SiTBackbone:
     """A SiT directory -> SiT (1-D) or SiT2D in eval mode."""
     cfg = GeneratorConfig.from_dict(read_config(path))
-    state = read_state_dict(path)
-    with torch.device("meta"):
-        gen = build_generator(cfg)
-    gen = gen.to_empty(device="cpu")
-    load_into(gen, state, str(path))
-    return _place(gen, device, dtype)
+    return _build_and_load(path, lambda: build_generator(cfg), device, dtype)
 
 
 def _zero_unloaded(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
