@@ -25,7 +25,7 @@ from collections import OrderedDict
 
 import torch
 
-from .sampling import sample
+from .sampling import check_sampling_inputs, sample
 
 GRAPH_SAMPLERS = ("euler", "heun")
 MAX_CACHED_GRAPHS = 8
@@ -144,10 +144,7 @@ def sample_graphed(
             gen, noise, labels, steps, sampler, cfg_scale, guidance_interval, path, generators
         )
     B = noise.shape[0]
-    if labels.shape != (B,):
-        raise ValueError(f"labels must have shape ({B},), got {tuple(labels.shape)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= gen.num_classes):
-        raise ValueError(f"class ids must be in [0, {gen.num_classes}), got {labels.tolist()}")
+    check_sampling_inputs(gen, noise, labels, steps, sampler, path)
     scale = torch.as_tensor(cfg_scale, dtype=torch.float64, device=noise.device).expand(B)
     guided = bool((scale > 1.0).any())
     key = (

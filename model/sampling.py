@@ -105,6 +105,19 @@ class GuidedVelocity:
         return out
 
 
+def check_sampling_inputs(gen, noise, labels, steps, sampler, path) -> None:
+    """Raise ValueError for anything sample() cannot honour; nothing is broadcast."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    path_coefficients(torch.zeros(1), path)  # validates the path name
+    if not 1 <= int(steps):
+        raise ValueError("steps must be >= 1")
+    if labels.shape != (noise.shape[0],):
+        raise ValueError(f"labels must have shape ({noise.shape[0]},), got {tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= gen.num_classes):
+        raise ValueError(f"class ids must be in [0, {gen.num_classes}), got {labels.tolist()}")
+
+
 @torch.no_grad()
 def sample(
     gen,
@@ -122,15 +135,7 @@ def sample(
     noise (B, L, D) (or (B, C, H, W) for a 2-D model), labels (B,) -> normalised latents of
     noise's shape, in noise's dtype. ``generators`` (one per sample) drive the SDE's noise.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-    path_coefficients(torch.zeros(1), path)  # validates the path name
-    if not 1 <= int(steps):
-        raise ValueError("steps must be >= 1")
-    if labels.shape != (noise.shape[0],):
-        raise ValueError(f"labels must have shape ({noise.shape[0]},), got {tuple(labels.shape)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= gen.num_classes):
-        raise ValueError(f"class ids must be in [0, {gen.num_classes}), got {labels.tolist()}")
+    check_sampling_inputs(gen, noise, labels, steps, sampler, path)
     velocity = GuidedVelocity(gen, labels, cfg_scale, guidance_interval)
     x = noise.to(torch.float64)
     if sampler == "euler-maruyama":
