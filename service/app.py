@@ -162,6 +162,18 @@ async def read_json(request: Request) -> object:
         raise ApiError(400, "invalid_json", "body is not valid JSON") from None
 
 
+async def run_image_task(request: Request, schema: type[BaseModel], task: str, svc: Service):
+    """Parse an image request, decode its images for the chosen tokenizer and run ``task``
+    on them -> (validated request, tokenizer entry, result)."""
+    req, blobs = await read_image_request(request, schema, svc)
+    tok = svc.tokenizer(req.model, request)
+    images = await _decode_images(svc, blobs, tok.image_size)
+    job = Job(
+        tok.name, task, {"images": images, "n": len(blobs)}, deadline=svc.deadline(req.timeout_s)
+    )
+    return req, tok, await svc.submit(request, job)
+
+
 async def read_image_request(request: Request, schema: type[BaseModel], svc: Service):
     """JSON with base64 ``images``, or multipart with ``image`` files (and plain fields)
     -> (validated request, encoded images: raw bytes or base64 text)."""
@@ -313,16 +325,7 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
     )
     async def tokenize(request: Request):
         """Images -> continuous tokens (B, L, D) and code indices (B, G, L/G)."""
-        req, blobs = await read_image_request(request, TokenizeRequest, svc)
-        tok = svc.tokenizer(req.model, request)
-        images = await _decode_images(svc, blobs, tok.image_size)
-        job = Job(
-            tok.name,
-            "tokenize",
-            {"images": images, "n": len(blobs)},
-            deadline=svc.deadline(req.timeout_s),
-        )
-        result = await svc.submit(request, job)
+        req, tok, result = await run_image_task(request, TokenizeRequest, "tokenize", svc)
         # Up to B*L*D floats to list and serialise: CPU work, off the event loop.
         return await run_in_threadpool(_tokenize_answer, tok.name, result, req.format)
 
@@ -334,16 +337,7 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
     )
     async def reconstruct(request: Request):
         """Images -> tokens -> images, with PSNR per image. ``Accept: image/png`` -> a PNG."""
-        req, blobs = await read_image_request(request, ReconstructRequest, svc)
-        tok = svc.tokenizer(req.model, request)
-        images = await _decode_images(svc, blobs, tok.image_size)
-        job = Job(
-            tok.name,
-            "reconstruct",
-            {"images": images, "n": len(blobs)},
-            deadline=svc.deadline(req.timeout_s),
-        )
-        result = await svc.submit(request, job)
+        req, tok, result = await run_image_task(request, ReconstructRequest, "reconstruct", svc)
         # JSON has no Infinity: a pixel-identical reconstruction reports null.
         psnr = [float(p) if p is not None and math.isfinite(p) else None for p in result["psnr"]]
         if wants_png(request):
