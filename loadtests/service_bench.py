@@ -97,7 +97,10 @@ class RawModel:
     @torch.inference_mode()
     def run_once(self):
         B, tok = self.batch, self.tok
-        z = sample_latents(self.gen_runner, list(range(B)), list(range(B)), self.steps)
+        # cuda_graphs as the service runs it (settings default); a no-op on the CPU.
+        z = sample_latents(
+            self.gen_runner, list(range(B)), list(range(B)), self.steps, cuda_graphs=True
+        )
         return self.tok_runner.decode(z * tok.vq_std + tok.vq_mean)
 
     def images_per_s(self, reps: int = 2) -> float:

@@ -76,6 +76,7 @@ class Stack:
             "OMP_NUM_THREADS": "1",
             "SOFTVQ_DEVICE": "cpu",
             "SOFTVQ_DTYPE": "float32",
+            "SOFTVQ_BACKEND": "eager",
             **env,
         }
         self.procs: dict[str, subprocess.Popen] = {}

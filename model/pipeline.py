@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .fast_sampling import sample_graphed
 from .sampling import sample
 from .sit import SiT
 from .tokenizer import SoftVQTokenizer
@@ -39,8 +40,12 @@ def sample_latents(
     cfg_scale: float | Sequence[float] | torch.Tensor = 1.0,
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     path: str = "linear",
+    cuda_graphs: bool = False,
 ) -> torch.Tensor:
-    """Normalised latents (B, L, D) in float32, each drawn from its own seed."""
+    """Normalised latents (B, L, D) in float32, each drawn from its own seed.
+
+    ``cuda_graphs``: on CUDA with an eager runner, replay the whole Euler / Heun step loop as
+    one CUDA graph (``model.fast_sampling``); everywhere else it changes nothing."""
     device = gen.device
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if len(seeds) != labels.shape[0]:
@@ -49,7 +54,8 @@ def sample_latents(
     if not isinstance(cfg_scale, (int, float)):
         cfg_scale = torch.as_tensor(cfg_scale, dtype=torch.float64)
     cfg = cfg_scale if isinstance(cfg_scale, (int, float)) else cfg_scale.to(device)
-    return sample(
+    run = sample_graphed if cuda_graphs else sample
+    return run(
         gen,
         noise,
         labels.to(device),

@@ -48,7 +48,17 @@ class Settings(BaseSettings):
         "auto",
         description="'auto' (bfloat16 on GPU, float32 on CPU), 'float32', 'bfloat16', 'float16'",
     )
-    backend: str = Field("eager", description="execution backend: eager | compile | onnx")
+    backend: str = Field(
+        "auto",
+        description=(
+            "execution backend: auto (time eager, compile and onnx on each model at start-up,"
+            " keep the fastest; the choice is cached) | eager | compile | onnx"
+        ),
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="on CUDA with the eager backend, replay each sampling loop as one CUDA graph",
+    )
 
     # --- batching and queues ----------------------------------------------------------------
     max_batch_size: int = Field(

@@ -54,6 +54,9 @@ def api_env(api_model_root):
         "SOFTVQ_DEFAULT_GENERATOR": "sit-tiny",
         "SOFTVQ_DEVICE": "cpu",
         "SOFTVQ_DTYPE": "float32",
+        # The default (auto) times every backend at start-up: right for users, minutes of
+        # compiling across the suite's servers. Tests that want it set it themselves.
+        "SOFTVQ_BACKEND": "eager",
         "SOFTVQ_MAX_WAIT_MS": "5",
         "SOFTVQ_BATCH_BUCKETS": "[1, 2, 4, 8]",
         "SOFTVQ_MAX_BATCH_SIZE": "8",

@@ -216,3 +216,46 @@ def test_sample_graphed_on_cpu_is_sample():
     labels = torch.tensor([0, 5])
     got = sample_graphed(gen, noise, labels, 3, "euler", cfg_scale=3.0)
     assert torch.equal(got, sample(gen, noise, labels, 3, "euler", cfg_scale=3.0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_service_sampling_path_with_cuda_graphs_matches_eager_loop(sampler):
+    """What the executor runs on a GPU (sample_latents with cuda_graphs=True: a captured,
+    replayed graph) against the plain step loop, guided with mixed per-sample scales."""
+    from model.pipeline import sample_latents
+
+    runner = backends.make_generator_runner(make_generator().cuda(), "eager")
+    args = ([1, 2, 3, 4], [10, 11, 12, 13], 6)
+    kw = dict(sampler=sampler, cfg_scale=[1.0, 4.0, 0.5, 2.5], guidance_interval=(0.2, 0.7))
+    want = sample_latents(runner, *args, **kw)
+    for _ in range(2):  # the second call replays the cached graph
+        got = sample_latents(runner, *args, cuda_graphs=True, **kw)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+# --- the service's default backend ----------------------------------------------------------
+def test_default_backend_is_auto_and_resolves_by_measurement(
+    engine_settings_factory, tmp_path, monkeypatch
+):
+    """With no SOFTVQ_BACKEND the service times the backends per model and serves the
+    fastest; /models shows the concrete choice, and the decision is cached on disk."""
+    import json
+
+    from service.registry import ModelRegistry
+    from service.settings import Settings
+
+    monkeypatch.delenv("SOFTVQ_BACKEND", raising=False)
+    assert Settings().backend == "auto"
+    monkeypatch.setenv("SOFTVQ_CACHE_DIR", str(tmp_path))
+    reg = ModelRegistry.from_settings(engine_settings_factory(backend="auto", batch_buckets=[2]))
+    info = reg.info()
+    chosen = [m["backend"] for m in info["tokenizers"] + info["generators"]]
+    assert chosen and set(chosen) <= {"eager", "compile", "onnx"}
+    decisions = json.loads((tmp_path / "auto_backend.json").read_text())
+    assert len(decisions) == len(chosen)
+    for d in decisions.values():
+        assert d["backend"] == min(d["seconds"], key=d["seconds"].get)
+    tok = reg.tokenizer(None)
+    tokens, _ = tok.runner.encode(torch.zeros(2, 3, 32, 32))
+    assert tokens.shape == (2, 8, 8)

@@ -28,7 +28,8 @@ PSNR_BAR = {"softvq-demo-64": 28.0, "softvq-demo-32": 26.0}
 SETTINGS = GenerationSettings(steps=12)
 
 # The bundled weights do not reach issue #4's bars yet: the hour-long CPU recipe leaves the
-# tokenizers at ~17 dB (flat colours; see docs/DEMO_MODELS.md). The checks stay real and
+# tokenizers at 22.5 / 24.5 dB and generated shapes are blobs the judge cannot name (see
+# docs/DEMO_MODELS.md). The checks stay real and
 # strict: once retrained weights pass, these tests XPASS and fail, and the mark must go.
 BELOW_BAR = pytest.mark.xfail(
     strict=True, reason="bundled demo weights are below issue #4's quality bars (#4 open)"
@@ -90,5 +91,8 @@ def test_judge_recognises_real_held_out_images():
     from model.training.data import ProceduralShapes
     from model.training.evaluate import HELD_OUT_SEED
 
-    images, labels = ProceduralShapes(200, seed=HELD_OUT_SEED + 2).batch(range(200))
-    assert float((judge.predict(images) == labels).float().mean()) >= 0.95
+    # 500 images (200 left the estimate within a few images of the bar); counted in integers
+    # (a float32 mean of 190/200 is 0.94999...).
+    images, labels = ProceduralShapes(500, seed=HELD_OUT_SEED + 2).batch(range(500))
+    correct = int((judge.predict(images) == labels).sum())
+    assert correct >= 475, f"judge: {correct} / 500 real held-out images right"

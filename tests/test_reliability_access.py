@@ -294,7 +294,7 @@ def test_model_dirs_outside_the_root_are_refused_at_start(tmp_path):
     save_tiny_pair(root, "ok")
     (root / "link").symlink_to(outside / "tiny")  # inside by name, outside in fact
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTVQ_")}
-    base_env |= {"SOFTVQ_MODEL_ROOT": str(root), "SOFTVQ_DEVICE": "cpu"}
+    base_env |= {"SOFTVQ_MODEL_ROOT": str(root), "SOFTVQ_DEVICE": "cpu", "SOFTVQ_BACKEND": "eager"}
     for escape in ("../outside/tiny", str(outside / "tiny"), "link"):
         env = {**base_env, "SOFTVQ_TOKENIZERS": json.dumps({"t": escape})}
         p = subprocess.run(
