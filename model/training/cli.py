@@ -34,8 +34,8 @@ def register(sub) -> None:
     p.add_argument(
         "--pos-init",
         choices=("random", "sincos"),
-        default="random",
-        help="patch position embeddings at init (sincos learns much faster)",
+        default="sincos",
+        help="patch position embeddings at init (random: timm's; sincos learns much faster)",
     )
     p.set_defaults(func=_train_tokenizer)
 

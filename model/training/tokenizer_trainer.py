@@ -70,12 +70,12 @@ class TokenizerTrainConfig:
     # LayerScale start value. timm's 1e-5 (right for deep ViTs fine-tuned for days) leaves a
     # shallow ViT nearly an identity map for the first thousand steps; short runs need more.
     layerscale_init: float = 0.5
-    # "random": timm's std-0.02 patch position embeddings (what the bundled demo weights
-    # used). "sincos": MAE's fixed-at-init 2-D sin-cos table (unit amplitude, still learned).
+    # "random": timm's std-0.02 patch position embeddings. "sincos" (the bundled demo
+    # weights'): MAE's 2-D sin-cos table at init (unit amplitude, still learned).
     # With random ones, patch tokens carry almost no position next to their content, so the
     # latents cannot say where things are and a short run sits at the "mean colour" plateau;
     # in pilots sincos left it after ~500 steps (20.4 vs 17.0 dB at step 1000, 32 tokens).
-    pos_init: str = "random"
+    pos_init: str = "sincos"
 
     def checkpoint_path(self) -> Path:
         return Path(self.ckpt) if self.ckpt else Path(str(self.out).rstrip("/") + ".ckpt.pt")
