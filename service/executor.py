@@ -220,7 +220,7 @@ class Executor:
             cfg_scale=cfg,
             guidance_interval=(float(lo), float(hi)),
             path=q.get("path", "linear"),
-            cuda_graphs=bool(getattr(self.registry.settings, "cuda_graphs", True)),
+            cuda_graphs=self.registry.settings.cuda_graphs,
         )
         return tok.runner.decode(z.float() * tok.vq_std + tok.vq_mean).float()
 

@@ -58,6 +58,23 @@ class RecordingExecutor(Executor):
         return any(job.id == j.id for b in self.batches for j in b)
 
 
+def poison_tokenizer(registry, value: float) -> tuple[Job, list[int]]:
+    """Make the tiny tokenizer's runner raise (a simulated device fault) on any batch holding
+    an image filled with ``value``; returns that poisoned job and the list of failed batch
+    sizes the fault appends to."""
+    tok = registry.tokenizer("tiny")
+    calls: list[int] = []
+
+    def fail(x):
+        if x.ndim == 4 and bool((x == value).all(dim=(1, 2, 3)).any()):
+            calls.append(x.shape[0])
+            raise RuntimeError("device fault (simulated by the test)")
+
+    tok.runner = Watched(tok.runner, fail=fail)
+    job = Job("tiny", "tokenize", {"images": np.full((1, 3, 32, 32), value, np.float32), "n": 1})
+    return job, calls
+
+
 class Watched:
     """Wraps a runner: records batch sizes, and can hold the model thread (a slow device)
     or raise (a device fault) as the test says. Everything else goes to the real runner."""

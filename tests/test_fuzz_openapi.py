@@ -11,16 +11,13 @@ well under a minute on two shared cores.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 from collections import Counter
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 
-from tests.redis_server import free_port
-from tests.test_serve_uvicorn import softvq_command, wait_http_ready
+from tests.test_serve_uvicorn import serve_process
 
 EXAMPLES = 20  # per operation
 SEEN: Counter = Counter()  # (method path, status) -> count, printed at the end of the module
@@ -29,30 +26,13 @@ CALL_TIMEOUT_S = 30  # a hang shows up as a timeout error, which fails the test
 
 @pytest.fixture(scope="module")
 def server(api_env, tmp_path_factory):
-    port = free_port()
     # max_steps 4: fuzzed /generate requests that pass validation stay cheap
     env = {**os.environ, **api_env, "SOFTVQ_REQUEST_TIMEOUT_S": "20", "SOFTVQ_MAX_STEPS": "4"}
-    log = open(tmp_path_factory.mktemp("fuzz") / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [*softvq_command(), "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http_ready(base, proc)
-        yield base, proc
-    finally:
-        print("fuzzed answers:", dict(sorted(SEEN.items())))
-        proc.send_signal(signal.SIGTERM)
+    with serve_process(env, tmp_path_factory.mktemp("fuzz")) as (base, proc):
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.seek(0)
-        print(log.read()[-3000:])
-        log.close()
+            yield base, proc
+        finally:
+            print("fuzzed answers:", dict(sorted(SEEN.items())))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from tests.test_batcher import (
     Watched,
     decode_job,
     gen_job,
+    poison_tokenizer,
     run_broker,
     tok_job,
 )
@@ -154,19 +155,7 @@ def test_out_of_memory_splits_the_batch(engine_registry, engine_settings_factory
 
 def test_poisoned_job_fails_alone_after_max_attempts(engine_registry, engine_settings_factory):
     settings = engine_settings_factory(max_wait_ms=200, max_attempts=3)
-    poison_value = 0.123
-    tok = engine_registry.tokenizer("tiny")
-    poisoned_calls = []
-
-    def fail(x):
-        if x.ndim == 4 and bool((x == poison_value).all(dim=(1, 2, 3)).any()):
-            poisoned_calls.append(x.shape[0])
-            raise RuntimeError("kernel crashed (simulated by the test)")
-
-    tok.runner = Watched(tok.runner, fail=fail)
-    poisoned = Job(
-        "tiny", "tokenize", {"images": np.full((1, 3, 32, 32), poison_value, np.float32), "n": 1}
-    )
+    poisoned, poisoned_calls = poison_tokenizer(engine_registry, 0.123)
     good = [tok_job(1, i) for i in range(3)]
     before = metrics.JOB_RETRIES.labels(model="tiny", task="tokenize")._value.get()
 

@@ -5,6 +5,7 @@ its queued work dropped; SIGTERM finishes in-flight requests before exiting."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import shutil
@@ -41,6 +42,34 @@ def wait_http_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> 
     raise RuntimeError("server not ready in time")
 
 
+@contextlib.contextmanager
+def serve_process(env: dict[str, str], log_dir):
+    """``softvq serve`` on a free port with ``env``; yields (base URL, process) once /readyz
+    answers 200. On exit: SIGTERM (kill after 30 s) and the log's tail printed."""
+    port = free_port()
+    log = open(log_dir / "serve.log", "w+")
+    proc = subprocess.Popen(
+        [*softvq_command(), "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http_ready(base, proc)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.seek(0)
+        print(log.read()[-3000:])
+        log.close()
+
+
 def metric(text: str, name: str, **labels) -> float:
     """The value of one sample in Prometheus text output (0 when absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
@@ -67,7 +96,6 @@ def steps_for(base: str, seconds: float, lo: int = 20, hi: int = 5000) -> int:
 
 @pytest.fixture(scope="module")
 def server(api_env, tmp_path_factory):
-    port = free_port()
     env = {
         **os.environ,
         **api_env,
@@ -75,27 +103,8 @@ def server(api_env, tmp_path_factory):
         "SOFTVQ_REQUEST_TIMEOUT_S": "300",
         "SOFTVQ_CORS_ORIGINS": "[]",
     }
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [*softvq_command(), "serve", "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_http_ready(base, proc)
+    with serve_process(env, tmp_path_factory.mktemp("serve")) as (base, proc):
         yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        log.seek(0)
-        print(log.read()[-3000:])
-        log.close()
 
 
 def test_every_endpoint_over_http(server):

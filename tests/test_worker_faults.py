@@ -10,18 +10,17 @@ import signal
 import time
 
 import httpx
-import numpy as np
 import pytest
 import redis
 import torch
 
 from service import metrics
 from service.broker.redis_streams import Keys, RedisBroker
-from service.jobs import Job, JobFailed
+from service.jobs import JobFailed
 from service.registry import ModelRegistry
 from service.worker import RedisSource, Worker
 from tests.redis_server import free_port
-from tests.test_batcher import Watched, gen_job, tok_job
+from tests.test_batcher import gen_job, poison_tokenizer, tok_job
 from tests.test_redis_broker import assert_matches, expected, mixed_jobs, wait_ready
 
 pytestmark = pytest.mark.redis
@@ -168,19 +167,7 @@ def test_poisoned_job_is_retried_then_failed_and_the_worker_keeps_serving(
     redis_server, engine_settings_factory, engine_registry
 ):
     settings = engine_settings_factory(redis_url=redis_server.url, max_attempts=2, max_wait_ms=50)
-    tok = engine_registry.tokenizer("tiny")
-    poison = 0.321
-    crashes = []
-
-    def fail(x):
-        if x.ndim == 4 and bool((x == poison).all(dim=(1, 2, 3)).any()):
-            crashes.append(x.shape[0])
-            raise RuntimeError("illegal memory access (simulated by the test)")
-
-    tok.runner = Watched(tok.runner, fail=fail)
-    poisoned = Job(
-        "tiny", "tokenize", {"images": np.full((1, 3, 32, 32), poison, np.float32), "n": 1}
-    )
+    poisoned, crashes = poison_tokenizer(engine_registry, 0.321)
     good = [tok_job(1, i) for i in range(3)]
     after = gen_job([2], [5])
     retries = metrics.JOB_RETRIES.labels(model="tiny", task="tokenize")._value.get()
