@@ -15,7 +15,9 @@ import asyncio
 import json
 import logging
 import math
+import os
 import secrets
+import sys
 import time
 from contextlib import asynccontextmanager, suppress
 
@@ -33,6 +35,7 @@ import model as models
 
 from . import codec, errors, metrics
 from .auth import AuthMiddleware
+from .batcher import EXIT_HUNG
 from .errors import ApiError
 from .jobs import Job, JobTimeout
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
@@ -79,10 +82,28 @@ class Service:
             )
         if self.broker is None:
             self.broker = make_broker(self.settings, self.registry)
+        self.broker.on_fatal = self.fatal
         # The embedded broker warms the models up in the background: /healthz answers at
         # once, /readyz says 503 until the warm-up is done (broker.ready()).
         await self.broker.start()
         self.started = True
+
+    def fatal(self, why: str) -> None:
+        """The broker can never run another job (a hung model call; its callers have been
+        answered 503). A stuck thread cannot be stopped, so the process must go: exit after a
+        second (time for those answers to leave) for the supervisor to restart us, or, with
+        ``exit_on_hang`` off, stay up with /healthz 503 for a liveness probe."""
+        if not self.settings.exit_on_hang:
+            log.critical("%s; /healthz now answers 503 (SOFTVQ_EXIT_ON_HANG=false)", why)
+            return
+        log.critical("%s; exiting with status %d for a restart", why, EXIT_HUNG)
+
+        def leave() -> None:
+            logging.shutdown()
+            sys.stderr.flush()
+            os._exit(EXIT_HUNG)  # not sys.exit: a graceful stop would join the stuck thread
+
+        asyncio.get_running_loop().call_later(1.0, leave)
 
     async def stop(self) -> None:
         self.started = False
@@ -287,9 +308,13 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
     app.state.service = svc
     errors.install(app)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"model": ErrorResponse}})
     async def healthz():
-        """Alive (always 200 while the process runs)."""
+        """Alive: 200 while the process can serve, 503 once a model call has hung (only a
+        restart helps; see SOFTVQ_HANG_GRACE_S)."""
+        ok, why = svc.broker.alive() if svc.broker is not None else (True, "ok")
+        if not ok:
+            return errors.error_response(503, "unhealthy", why)
         return {"status": "ok"}
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})

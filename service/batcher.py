@@ -10,7 +10,11 @@ executor's thread:
   runs two schedules; cfg_scale is a payload value and may differ inside a batch;
 - an expired job is answered JobTimeout and a cancelled one dropped, before the model sees it;
 - a job the model crashed on alone (``ModelCrashed``) goes back to the source for another
-  attempt until ``max_attempts``, then its caller gets JobFailed.
+  attempt until ``max_attempts``, then its caller gets JobFailed;
+- a model call still running ``hang_grace_s`` after the last deadline of its jobs is hung (a
+  wedged device or a deadlock: a thread cannot be interrupted): ``run()`` raises
+  ``HungModelCall`` at once, leaving the thread behind, and its owner fails over and restarts
+  the process (service/broker/inprocess.py, service/worker.py).
 
 The source decides what "back" and "answered" mean: an asyncio future in process, a stream
 entry and a reply list in Redis.
@@ -60,6 +64,19 @@ class JobSource(ABC):
         """Jobs taken but never started, at shutdown: let someone else run them."""
 
 
+# Exit status of a process that ends itself after a hung model call (EX_SOFTWARE).
+EXIT_HUNG = 70
+
+
+class HungModelCall(RuntimeError):
+    """A model call that never returned. ``jobs`` ran in it; the batcher is unusable (its one
+    model thread is stuck), so its owner must fail over and end the process."""
+
+    def __init__(self, message: str, jobs: list[Job]):
+        super().__init__(message)
+        self.jobs = jobs
+
+
 def group_key(job: Job) -> tuple[str, str, str]:
     """Jobs batch together only when model, task and params are equal."""
     return job.model, job.task, json.dumps(job.params, sort_keys=True)
@@ -82,6 +99,8 @@ class Batcher:
         self.max_batch = settings.max_batch_size
         self.max_wait = settings.max_wait_ms / 1000.0
         self.max_attempts = settings.max_attempts
+        self.hang_grace = settings.hang_grace_s
+        self.hung: HungModelCall | None = None
         self.idle_poll = idle_poll_s
         # Most jobs held waiting at once. Embedded: everything queued (all of it is ours, and
         # seeing it all makes the fullest batches). Redis workers pass a bound so that jobs
@@ -97,6 +116,7 @@ class Batcher:
         # One model thread: batches run one after another, never concurrently on the device.
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"softvq-model-{worker_id}")
         metrics.WORKER_BUSY.labels(worker=worker_id).set(0)
+        metrics.MODEL_HANGS.labels(worker=worker_id)  # exported from 0, for increase()
 
     # --- control --------------------------------------------------------------------------
     def stop(self, drain: bool = True) -> None:
@@ -123,7 +143,8 @@ class Batcher:
                         return
                 await self.step()
         finally:
-            self.pool.shutdown(wait=True)
+            # A hung call's thread never ends: joining it would hang the owner too.
+            self.pool.shutdown(wait=self.hung is None, cancel_futures=self.hung is not None)
 
     # --- one turn: pull, pick a due group, run it --------------------------------------------
     async def step(self) -> None:
@@ -225,17 +246,36 @@ class Batcher:
         busy = metrics.WORKER_BUSY.labels(worker=self.worker_id)
         busy.set(1)
         start = time.perf_counter()
+        call = asyncio.get_running_loop().run_in_executor(self.pool, self.executor.run, live)
         try:
-            loop = asyncio.get_running_loop()
-            outcomes = await loop.run_in_executor(self.pool, self.executor.run, live)
+            # Nobody waits for the result once every deadline has passed; a call still running
+            # a grace period later is hung, not slow.
+            limit = max(j.deadline for j in live) - time.time() + self.hang_grace
+            done, _ = await asyncio.wait({call}, timeout=max(limit, self.hang_grace))
+            if not done:
+                self._hung(live, time.perf_counter() - start)
+            outcomes = call.result()
         finally:
             busy.set(0)
             metrics.WORKER_BUSY_SECONDS.labels(worker=self.worker_id).inc(
                 time.perf_counter() - start
             )
-            self.running = []
+            if self.hung is None:
+                self.running = []
         self.batches_run += 1
         await self._settle(live, outcomes)
+
+    def _hung(self, jobs: list[Job], seconds: float) -> None:
+        what = ", ".join(sorted({f"{j.model}/{j.task}" for j in jobs}))
+        self.hung = HungModelCall(
+            f"a model call ({what}, {len(jobs)} jobs) has not returned after {seconds:.0f}s,"
+            f" {self.hang_grace:.0f}s past its last deadline",
+            jobs,
+        )
+        self._stopping, self._drain = True, False
+        metrics.MODEL_HANGS.labels(worker=self.worker_id).inc()
+        log.critical("%s: %s", self.worker_id, self.hung)
+        raise self.hung
 
     async def _settle(self, jobs: list[Job], outcomes: list[dict | JobError]) -> None:
         answers: list[tuple[Job, Outcome]] = []
@@ -255,6 +295,10 @@ class Batcher:
             await self.source.retry(again)
         if answers:
             await self.source.finish(answers)
+
+    async def hand_back_pending(self) -> None:
+        """Give every held, unstarted job back to the source (after a hung call)."""
+        await self._hand_back_pending()
 
     async def _hand_back_pending(self) -> None:
         if self._expired:

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .jobs import BrokerUnavailable, JobError, QueueFull
+from .jobs import BrokerUnavailable, JobError, ModelHung, QueueFull
 
 log = logging.getLogger("softvq.api")
 
@@ -72,6 +72,8 @@ async def _job_error(request: Request, exc: JobError) -> JSONResponse:
     headers = {}
     if isinstance(exc, (QueueFull, BrokerUnavailable)):
         headers["Retry-After"] = "1"  # queues drain in well under a second per batch
+    elif isinstance(exc, ModelHung):
+        headers["Retry-After"] = "10"  # its process is restarting (or another worker takes over)
     if exc.status >= 500 and not isinstance(exc, BrokerUnavailable):
         log.warning("job error %s on %s: %s", exc.code, request.url.path, exc)
     message = str(exc) or exc.code.replace("_", " ")

@@ -62,3 +62,10 @@ class InvalidJob(JobError):
 
 class BrokerUnavailable(JobError):
     status, code = 503, "broker_unavailable"
+
+
+class ModelHung(JobError):
+    """The model call running (or about to run) the job never returned: the process that
+    holds it is restarting."""
+
+    status, code = 503, "model_hung"

@@ -62,6 +62,11 @@ WORKER_BUSY = Gauge("softvq_worker_busy", "1 while the worker runs a batch, else
 WORKER_BUSY_SECONDS = Counter(
     "softvq_worker_busy_seconds_total", "Seconds a worker spent running batches", ["worker"]
 )
+MODEL_HANGS = Counter(
+    "softvq_model_hangs_total",
+    "Model calls that never returned (past their jobs' deadlines plus the hang grace)",
+    ["worker"],
+)
 WORKERS_ALIVE = Gauge("softvq_workers_alive", "Workers with a fresh heartbeat (API's view)")
 MODEL_INFO = Gauge(
     "softvq_model_info",

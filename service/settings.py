@@ -89,6 +89,23 @@ class Settings(BaseSettings):
     )
     result_ttl_s: float = Field(120.0, gt=0, description="how long an unread result stays in Redis")
 
+    # --- hung model calls ---------------------------------------------------------------
+    hang_grace_s: float = Field(
+        60.0,
+        gt=0,
+        description=(
+            "a model call still running this long after the last deadline of its jobs is hung:"
+            " its jobs fail over (Redis) or get 503 (embedded) and the process reports unhealthy"
+        ),
+    )
+    exit_on_hang: bool = Field(
+        True,
+        description=(
+            "after a hung model call, exit (code 70) so a supervisor restarts the process;"
+            " false: stay up with /healthz 503 for a liveness probe to act on"
+        ),
+    )
+
     # --- limits -------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * 1024 * 1024, description="largest request body (413 past it)")
     max_image_bytes: int = Field(16 * 1024 * 1024, description="largest single encoded image")

@@ -16,6 +16,10 @@ Delivery is at least once:
   a long batch is never mistaken for a dead worker;
 - a job the model crashed on is re-added as a new entry with ``attempts + 1``.
 
+A model call that hangs (still running ``hang_grace_s`` after its jobs' last deadline) ends
+the worker: the heartbeat stops, unstarted jobs are handed back, the hung call's jobs are left
+to the visibility timeout, and the process exits with status 70 (``EXIT_HUNG``).
+
 SIGTERM: stop reading, finish the running batch, then hand every held but unstarted job
 back by re-adding it as a new entry and acking the old one (in one MULTI), so other workers
 get it at once instead of after the visibility timeout. A heartbeat key
@@ -38,7 +42,7 @@ import uuid
 from redis.exceptions import RedisError, ResponseError
 
 from . import metrics
-from .batcher import Batcher, JobSource, Outcome
+from .batcher import EXIT_HUNG, Batcher, HungModelCall, JobSource, Outcome
 from .broker.redis_streams import ANSWER, UNAVAILABLE, Keys, connect, ttl_seconds
 from .executor import Executor
 from .jobs import Job, JobFailed
@@ -351,6 +355,14 @@ class Worker:
             for t in helpers:
                 t.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+            if self.batcher.hung is not None:
+                # Unstarted jobs go to other workers now; the hung call's own jobs stay
+                # pending under this consumer, unkept, so they are reclaimed after the
+                # visibility timeout like a dead worker's (and count as a delivery).
+                try:
+                    await self.batcher.hand_back_pending()
+                except RedisError as e:
+                    log.warning("could not hand back held jobs: %s", e)
             try:
                 await redis.delete(self.keys.worker(self.worker_id))
             except RedisError:
@@ -384,8 +396,14 @@ class Worker:
                 log.debug("keep-alive of held jobs failed: %s", e)
 
 
-def run_worker(settings, worker_id: str | None = None, metrics_port: int | None = None) -> None:
-    """Load and warm the models, serve /metrics on ``metrics_port``, run until SIGTERM."""
+def run_worker(
+    settings,
+    worker_id: str | None = None,
+    metrics_port: int | None = None,
+    registry: ModelRegistry | None = None,
+) -> None:
+    """Load and warm the models (or take ``registry``), serve /metrics on ``metrics_port``,
+    run until SIGTERM (or a hung model call: exit status 70)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -394,7 +412,7 @@ def run_worker(settings, worker_id: str | None = None, metrics_port: int | None 
         raise ValueError("a worker needs a Redis URL (SOFTVQ_REDIS_URL or --redis)")
     # SIGTERM while the models load: nothing is held yet, so just exit cleanly.
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    registry = ModelRegistry.from_settings(settings)
+    registry = registry or ModelRegistry.from_settings(settings)
     registry.warmup()
     signal.signal(signal.SIGTERM, previous)  # from here on the event loop handles it
     if metrics_port:
@@ -402,7 +420,15 @@ def run_worker(settings, worker_id: str | None = None, metrics_port: int | None 
 
         start_http_server(metrics_port)
     worker = Worker(settings, registry, worker_id)
-    asyncio.run(worker.run())
+    try:
+        asyncio.run(worker.run())
+    except HungModelCall as e:
+        # The stuck model thread can be neither stopped nor joined: leave without the
+        # interpreter's exit handlers, for the supervisor to start a fresh worker.
+        log.critical("worker %s exits with status %d: %s", worker.worker_id, EXIT_HUNG, e)
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(EXIT_HUNG)
 
 
 def _s(x) -> str:

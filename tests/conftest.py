@@ -126,9 +126,9 @@ def engine_settings_factory(tiny_model_dirs):
 
 @pytest.fixture
 def spawn_worker(engine_settings_factory):
-    """``spawn(redis_url, worker_id, metrics_port=None, **settings) -> Popen`` of a real
-    worker process (``python -m service.worker``) on the tiny models; all are killed at the
-    end of the test. The process env carries the settings as SOFTVQ_* variables."""
+    """``spawn(redis_url, worker_id, metrics_port=None, module="service.worker", **settings)
+    -> Popen`` of a real worker process (``python -m <module>``) on the tiny models; all are
+    killed at the end of the test. The process env carries the settings as SOFTVQ_* variables."""
     import json
     import os
     import subprocess
@@ -138,7 +138,13 @@ def spawn_worker(engine_settings_factory):
     procs = []
     root = Path(__file__).resolve().parent.parent
 
-    def spawn(redis_url: str, worker_id: str, metrics_port: int | None = None, **overrides):
+    def spawn(
+        redis_url: str,
+        worker_id: str,
+        metrics_port: int | None = None,
+        module: str = "service.worker",
+        **overrides,
+    ):
         s = engine_settings_factory(redis_url=redis_url, **overrides)
         env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTVQ_")}
         for field, value in s.model_dump().items():
@@ -148,7 +154,7 @@ def spawn_worker(engine_settings_factory):
                 value = json.dumps(value)
             env[f"SOFTVQ_{field.upper()}"] = str(value)
         env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-        cmd = [sys.executable, "-m", "service.worker", "--worker-id", worker_id]
+        cmd = [sys.executable, "-m", module, "--worker-id", worker_id]
         if metrics_port:
             cmd += ["--metrics-port", str(metrics_port)]
         proc = subprocess.Popen(cmd, env=env, cwd=root)

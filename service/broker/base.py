@@ -7,11 +7,21 @@ Redis) and ``RedisBroker`` (jobs go to Redis streams, ``softvq worker`` processe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from ..jobs import Job
 
 
 class Broker(ABC):
+    # Called once with the reason when this broker can never run another job (a hung model
+    # call); the service decides what to do with the process (service/app.py).
+    on_fatal: Callable[[str], None] | None = None
+
+    def alive(self) -> tuple[bool, str]:
+        """(False, why) once the broker can never run another job: a liveness probe should
+        restart the process."""
+        return True, "ok"
+
     @abstractmethod
     async def start(self) -> None:
         """Begin serving (embedded: load-warm the models in the background)."""

@@ -14,9 +14,9 @@ import time
 from collections import Counter
 
 from .. import metrics
-from ..batcher import Batcher, JobSource, Outcome
+from ..batcher import Batcher, HungModelCall, JobSource, Outcome
 from ..executor import Executor
-from ..jobs import BrokerUnavailable, Job, JobError, JobTimeout, QueueFull
+from ..jobs import BrokerUnavailable, Job, JobError, JobTimeout, ModelHung, QueueFull
 from .base import Broker
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class InProcessBroker(Broker, JobSource):
         self._counts: Counter[tuple[str, str]] = Counter()  # (model, task) -> accepted, unanswered
         self._closing = False
         self._error: str | None = None
+        self._hung: str | None = None  # why the model thread is lost for good
 
     # --- Broker -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -49,6 +50,13 @@ class InProcessBroker(Broker, JobSource):
             if not self.registry.warm:
                 await loop.run_in_executor(self.batcher.pool, self.registry.warmup)
             await self.batcher.run()
+        except HungModelCall as e:
+            # The model thread is lost: every waiting caller gets a clear 503 now rather than
+            # a 504 at its deadline, and the service is told (it exits for a restart).
+            self._hung = self._error = f"model hung: {e}"
+            self._fail_all(ModelHung(f"{e}; the service is restarting"))
+            if self.on_fatal is not None:
+                self.on_fatal(self._error)
         except Exception as e:
             self._error = f"batcher stopped: {type(e).__name__}: {e}"
             log.exception("embedded batcher crashed")
@@ -70,6 +78,8 @@ class InProcessBroker(Broker, JobSource):
             raise BrokerUnavailable(
                 "the server is shutting down" if self._closing else "not started"
             )
+        if self._hung:
+            raise ModelHung(f"{self._hung}; the service is restarting")
         if self._task.done():
             raise BrokerUnavailable(self._error or "the batcher is not running")
         key = (job.model, job.task)
@@ -103,6 +113,9 @@ class InProcessBroker(Broker, JobSource):
         if not self.registry.warm:
             return False, "warming up models"
         return True, "ok"
+
+    def alive(self) -> tuple[bool, str]:
+        return (False, self._hung) if self._hung else (True, "ok")
 
     async def queue_depth(self, model: str, task: str) -> int:
         return self._counts[(model, task)]
