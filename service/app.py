@@ -39,6 +39,7 @@ from .batcher import EXIT_HUNG
 from .errors import ApiError
 from .jobs import Job, JobTimeout
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from .registry import with_workers
 from .schemas import (
     MAX_SEED,
     DecodeRequest,
@@ -51,6 +52,7 @@ from .schemas import (
     ReconstructResponse,
     TokenizeRequest,
     TokenizeResponse,
+    WorkersResponse,
 )
 from .settings import Settings, get_settings
 
@@ -337,10 +339,18 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
 
     @app.get("/models", response_model=ModelsResponse)
     async def list_models():
-        """Served tokenizers and generators with their shapes, backend, device and dtype."""
-        if svc.registry is None:
+        """Served tokenizers and generators: shapes, and the backend, device and dtype the
+        live workers run them with (``workers``: how many replicas serve each)."""
+        if svc.registry is None or svc.broker is None:
             raise ApiError(503, "not_ready", "service is starting", {"Retry-After": "1"})
-        return svc.registry.info()
+        return with_workers(svc.registry.info(), await svc.broker.workers())
+
+    @app.get("/workers", response_model=WorkersResponse)
+    async def list_workers():
+        """The processes running jobs (embedded: this one; Redis: every live worker)."""
+        if svc.broker is None:
+            raise ApiError(503, "not_ready", "service is starting", {"Retry-After": "1"})
+        return {"workers": await svc.broker.workers()}
 
     @app.post(
         "/tokenize",

@@ -224,6 +224,12 @@ class ModelRegistry:
             ],
         }
 
+    def served(self) -> dict[str, dict[str, str]]:
+        """Model name -> how this process runs it (backend, device, dtype): what a worker's
+        heartbeat tells the API, whose own registry holds shapes only."""
+        entries = [*self.tokenizers.values(), *self.generators.values()]
+        return {e.name: self._common(e) for e in entries}
+
     def _common(self, entry) -> dict[str, str]:
         backend = getattr(entry.runner, "backend", None) or self.backend
         return {"backend": backend, "device": str(self.device), "dtype": _dtype_name(self.dtype)}
@@ -301,3 +307,20 @@ def _configured_models(settings):
         demo.DEFAULT_GENERATOR if demo.DEFAULT_GENERATOR in gens else None
     )
     return toks, gens, (default_tok, default_gen)
+
+
+RUN_FIELDS = ("backend", "device", "dtype")
+
+
+def with_workers(info: dict, workers: list[dict]) -> dict:
+    """GET /models seen through the processes that run the models: per model, ``workers``
+    (live replicas) and its backend / device / dtype as those replicas report them (several
+    values comma-joined when replicas differ; null when none serves it). In Redis mode the
+    API's own registry knows shapes only, so its device and backend would say nothing."""
+    for entry in [*info["tokenizers"], *info["generators"]]:
+        runs = [w["served"][entry["name"]] for w in workers if entry["name"] in w.get("served", {})]
+        entry["workers"] = len(runs)
+        for field in RUN_FIELDS:
+            values = sorted({str(r.get(field)) for r in runs})
+            entry[field] = ",".join(values) if values else None
+    return info

@@ -115,3 +115,10 @@ class GenerateResponse(ImagesResponse):
 class ModelsResponse(BaseModel):
     tokenizers: list[dict]
     generators: list[dict]
+
+
+class WorkersResponse(BaseModel):
+    workers: list[dict] = Field(
+        description="processes running jobs: id, host, pid, started (epoch s), busy, batches,"
+        " served {model: {backend, device, dtype}}"
+    )

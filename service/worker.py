@@ -377,10 +377,12 @@ class Worker:
             "host": socket.gethostname(),
             "started": time.time(),
             "models": sorted({*self.registry.tokenizers, *self.registry.generators}),
+            "served": self.registry.served(),  # GET /models shows these, not the API's view
         }
         while self._helpers_run:
             try:
                 info["busy"] = bool(self.batcher.running)
+                info["batches"] = self.batcher.batches_run
                 await redis.set(key, json.dumps(info), ex=HEARTBEAT_TTL_S)
             except RedisError:
                 pass  # fetch() logs the outage

@@ -72,9 +72,17 @@ def test_health_ready_models_docs(client):
     assert gens["sit-tiny"]["num_classes"] == 10 and gens["sit-tiny"]["tokenizer"] == "tiny"
     for entry in [*toks.values(), *gens.values()]:
         assert {"image_size", "backend", "device", "dtype"} <= set(entry)
+        assert (entry["backend"], entry["device"], entry["dtype"]) == ("eager", "cpu", "float32")
+        assert entry["workers"] == 1  # embedded: this process
+    (me,) = client.get("/workers").json()["workers"]
+    assert me["id"] == "embedded" and me["busy"] is False and me["batches"] >= 0
+    assert set(me["served"]) == {*toks, *gens}
+    assert me["served"]["sit-tiny"] == {"backend": "eager", "device": "cpu", "dtype": "float32"}
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/tokenize", "/decode", "/reconstruct", "/generate", "/models"} <= set(paths)
+    assert {"/tokenize", "/decode", "/reconstruct", "/generate", "/models", "/workers"} <= set(
+        paths
+    )
     body = paths["/tokenize"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(body)
 

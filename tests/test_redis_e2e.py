@@ -57,11 +57,14 @@ class Cluster:
         self.tmp, self.procs, self.logs = tmp, {}, {}
         self.metrics_ports = {}
 
-    def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "w+")
         self.logs[name] = log
         proc = subprocess.Popen(
-            [*softvq_command(), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT
+            [*softvq_command(), *args],
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         self.procs[name] = proc
         return proc
@@ -94,6 +97,9 @@ class Cluster:
                 "--log-level",
                 "warning",
             ],
+            # The API loads no weights in Redis mode: its own view of the backend stays
+            # "auto"; GET /models must show what the workers run (eager).
+            SOFTVQ_BACKEND="auto",
         )
         wait_http_ready(self.base, self.procs["api"])
         self.wait_workers(2)
@@ -231,6 +237,24 @@ def test_64_concurrent_mixed_requests(cluster, models):
             singles = metric(text, "softvq_batch_size_bucket", model=m, task=task, le="1.0")
             multi += count - singles
     assert multi > 0
+
+
+def test_models_and_workers_are_reported_by_the_workers(cluster):
+    info = httpx.get(f"{cluster.base}/models").json()
+    entries = {e["name"]: e for e in [*info["tokenizers"], *info["generators"]]}
+    assert set(entries) == {"tiny", "tiny16", "sit-tiny", "sit-tiny16"}
+    for e in entries.values():
+        assert (e["backend"], e["device"], e["dtype"], e["workers"]) == (
+            "eager",
+            "cpu",
+            "float32",
+            2,
+        ), e
+    workers = httpx.get(f"{cluster.base}/workers").json()["workers"]
+    assert [w["id"] for w in workers] == ["worker1", "worker2"]
+    for w in workers:
+        assert w["pid"] == cluster.procs[w["id"]].pid and isinstance(w["busy"], bool)
+        assert set(w["served"]) == set(entries) and w["batches"] >= 0
 
 
 def test_full_queue_429_and_expired_deadline_504(cluster):

@@ -45,5 +45,10 @@ class Broker(ABC):
         """(True, "ok") when jobs can run now; else (False, why not)."""
 
     @abstractmethod
+    async def workers(self) -> list[dict]:
+        """The processes that run jobs, each ``{"id", "host", "pid", "started", "busy",
+        "batches", "served": {model: {backend, device, dtype}}}``."""
+
+    @abstractmethod
     async def queue_depth(self, model: str, task: str) -> int:
         """Jobs accepted for (model, task) and not yet answered."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections import Counter
 
@@ -35,6 +37,7 @@ class InProcessBroker(Broker, JobSource):
         self._closing = False
         self._error: str | None = None
         self._hung: str | None = None  # why the model thread is lost for good
+        self._started = time.time()
 
     # --- Broker -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -113,6 +116,20 @@ class InProcessBroker(Broker, JobSource):
         if not self.registry.warm:
             return False, "warming up models"
         return True, "ok"
+
+    async def workers(self) -> list[dict]:
+        batcher = self.batcher
+        return [
+            {
+                "id": "embedded",
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": self._started,
+                "busy": bool(batcher and batcher.running),
+                "batches": batcher.batches_run if batcher else 0,
+                "served": self.registry.served(),
+            }
+        ]
 
     def alive(self) -> tuple[bool, str]:
         return (False, self._hung) if self._hung else (True, "ok")

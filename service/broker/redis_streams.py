@@ -23,6 +23,7 @@ reconnects by itself when Redis returns.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -258,6 +259,28 @@ class RedisBroker(Broker):
         if not alive:
             return False, "no worker heartbeat"
         return True, "ok"
+
+    async def workers(self) -> list[dict]:
+        """Live workers, from their heartbeats (what each one serves and how)."""
+        if self.redis is None:
+            return []
+        try:
+            keys = [
+                k async for k in self.redis.scan_iter(match=self.keys.worker_pattern, count=100)
+            ]
+            values = await self.redis.mget(keys) if keys else []
+        except RedisError as e:
+            raise BrokerUnavailable(f"Redis unreachable: {e}") from None
+        out = []
+        for key, raw in zip(keys, values, strict=True):
+            try:
+                beat = json.loads(raw) if raw else None
+            except ValueError:
+                beat = None
+            if isinstance(beat, dict):  # expired between SCAN and MGET, or not ours: skip
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                out.append({"id": name.rsplit(":", 1)[1], **beat})
+        return sorted(out, key=lambda w: w["id"])
 
     async def queue_depth(self, model: str, task: str) -> int:
         if self.redis is None:
