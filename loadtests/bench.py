@@ -13,6 +13,7 @@ Writes DIR/results.json and DIR/results.md. Parts (``--parts``, default all):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -74,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="torch CPU threads (cpu preset default: 1, see BENCHMARKS.md; gpu: torch's)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="override the preset's dtype (e.g. the gpu preset's bfloat16 paths, on the CPU)",
+    )
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     args = p.parse_args(argv)
     parts = [x for x in args.parts.split(",") if x]
@@ -92,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
     preset = presets.get(args.preset, args.quick)
+    if args.dtype:
+        preset = dataclasses.replace(preset, dtype=args.dtype)
     dtype = getattr(torch, preset.dtype)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
