@@ -96,3 +96,22 @@ def test_judge_recognises_real_held_out_images():
     images, labels = ProceduralShapes(500, seed=HELD_OUT_SEED + 2).batch(range(500))
     correct = int((judge.predict(images) == labels).sum())
     assert correct >= 475, f"judge: {correct} / 500 real held-out images right"
+
+
+def test_noised_latent_diagnostic_starts_at_the_reconstruction_ceiling():
+    """t = 0 of the diagnostic must be exactly the judge on reconstructions of the same held-out
+    images (nothing noised, nothing integrated); t = 1 is generation from pure noise."""
+    from model.training.data import ProceduralShapes
+    from model.training.evaluate import HELD_OUT_SEED, accuracy_from_noised_latents
+
+    judge = load_judge(demo.demo_path(demo.JUDGE_CLASSIFIER))
+    tok = model.load_tokenizer(demo.demo_path("softvq-demo-32"))
+    gen = model.load_generator(demo.demo_path("sit-demo-32"))
+    acc = accuracy_from_noised_latents(
+        tok, gen, judge, (0.0, 1.0), count=60, settings=GenerationSettings(steps=4)
+    )
+    images, labels = ProceduralShapes(60, seed=HELD_OUT_SEED + 2).batch(range(60))
+    with torch.no_grad():
+        recon = tok.decode(tok.encode(images)).clamp(-1, 1)
+    assert acc[0.0] == float((judge.predict(recon) == labels).float().mean())
+    assert set(acc) == {0.0, 1.0} and 0.0 <= acc[1.0] <= 1.0

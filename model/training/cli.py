@@ -84,6 +84,11 @@ def register(sub) -> None:
     p.add_argument("--grid", default=None, help="write a PNG grid (a row per class) here")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--noised",
+        action="store_true",
+        help="also judge generation started from real latents noised to t = 0 ... 1",
+    )
     p.set_defaults(func=_evaluate_demo)
 
 
@@ -190,7 +195,12 @@ def _evaluate_demo(args) -> int:
     from .. import demo
     from ..loading import load_generator, load_tokenizer
     from .classifier import load_judge
-    from .evaluate import GenerationSettings, class_grid, evaluate_pair
+    from .evaluate import (
+        GenerationSettings,
+        accuracy_from_noised_latents,
+        class_grid,
+        evaluate_pair,
+    )
 
     set_threads(args.threads)
     root = Path(args.weights_dir) if args.weights_dir else demo.DEMO_WEIGHTS_DIR
@@ -211,6 +221,15 @@ def _evaluate_demo(args) -> int:
             f"diversity ratio {r['diversity_ratio_mean']:.3f} "
             f"(min {r['diversity_ratio_min']:.3f})"
         )
+        if args.noised:
+            fast = GenerationSettings(steps=args.steps, sampler="euler", cfg_scale=args.cfg_scale)
+            acc = accuracy_from_noised_latents(tok, gen, judge, settings=fast)
+            r["accuracy_from_noised_latents"] = acc
+            print(
+                "  judged accuracy from real latents noised to t: "
+                + ", ".join(f"t={t:g} {a:.3f}" for t, a in acc.items())
+                + " (t=0: reconstructions, t=1: generation)"
+            )
     if args.grid:
         # The default generator's samples: a row per class, 10 per row.
         class_grid(

@@ -18,6 +18,7 @@ import torch
 
 from ..images import make_grid, psnr, to_pil
 from ..pipeline import generate
+from ..sampling import GuidedVelocity
 from .data import ProceduralShapes
 
 HELD_OUT_SEED = 1_000_000  # the demo models train on seed 0
@@ -64,6 +65,40 @@ def generate_per_class(
             ).clamp(-1, 1)
         )
     return torch.cat(out), labels
+
+
+@torch.no_grad()
+def accuracy_from_noised_latents(
+    tok,
+    gen,
+    judge,
+    noise_levels=(0.0, 0.3, 0.6, 0.8, 1.0),
+    count: int = 200,
+    settings: GenerationSettings | None = None,
+    seed: int = HELD_OUT_SEED + 2,
+) -> dict[float, float]:
+    """Where generation loses the class: held-out images are encoded, their normalised
+    latents noised along the training path to time t (x_t = (1 - t) x_0 + t eps), integrated
+    back to t = 0 by the generator (Euler, guided with the true class), decoded and judged.
+    t = 0 is the judge's accuracy on reconstructions (the ceiling for generated images),
+    t = 1 is generation from pure noise; the drop in between shows which noise levels the
+    generator cannot undo."""
+    settings = settings or GenerationSettings()
+    data = ProceduralShapes(count, seed=seed, image_size=tok.image_size)
+    images, labels = data.batch(range(count))
+    z0 = ((tok.encode(images) - tok.vq_mean) / tok.vq_std).double()
+    eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed), dtype=z0.dtype)
+    velocity = GuidedVelocity(gen, labels, settings.cfg_scale, settings.guidance_interval)
+    out = {}
+    for t0 in noise_levels:
+        x = (1 - t0) * z0 + t0 * eps
+        grid = torch.linspace(t0, 0, settings.steps + 1, dtype=torch.float64).tolist()
+        for t_cur, t_next in zip(grid[:-1], grid[1:]):
+            if t_cur > 0:
+                x = x + (t_next - t_cur) * velocity(x, t_cur, t_cur)
+        decoded = tok.decode(x.float() * tok.vq_std + tok.vq_mean).clamp(-1, 1)
+        out[float(t0)] = float((judge.predict(decoded) == labels).float().mean())
+    return out
 
 
 def mean_pairwise_distance(images: torch.Tensor) -> float:
