@@ -20,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--token-dim", type=int, default=16, help="token width D")
     p.add_argument("--codebook-size", type=int, default=256)
     p.add_argument("--codebooks", type=int, default=4)
+    p.add_argument("--tau", type=float, default=0.07, help="soft-VQ temperature")
     p.add_argument("--patch-size", type=int, default=8)
     p.add_argument("--width", type=int, default=96, help="ViT width (encoder and decoder)")
     p.add_argument("--depth", type=int, default=3)
@@ -127,6 +128,7 @@ def _train_tokenizer(args) -> int:
         token_dim=args.token_dim,
         codebook_size=args.codebook_size,
         num_codebooks=args.codebooks,
+        tau=args.tau,
         patch_size=args.patch_size,
         enc=dict(vit),
         dec=dict(vit),

@@ -47,6 +47,7 @@ class TokenizerTrainConfig:
     token_dim: int = 16
     codebook_size: int = 256
     num_codebooks: int = 4
+    tau: float = 0.07  # soft-VQ temperature: higher = smoother (less code-like) latents
     patch_size: int = 8
     enc: dict[str, int] = field(
         default_factory=lambda: {"embed_dim": 128, "depth": 4, "num_heads": 4}
@@ -89,6 +90,7 @@ class TokenizerTrainConfig:
             codebook_embed_dim=self.token_dim,
             codebook_size=self.codebook_size,
             num_codebooks=self.num_codebooks,
+            tau=self.tau,
             tiny_overrides={"enc": dict(self.enc), "dec": dict(self.dec)},
         )
 
