@@ -111,6 +111,12 @@ class Service:
         self.started = False
         if self.broker is not None:
             await self.broker.stop()  # graceful: finishes the jobs it holds
+            ok, why = self.broker.alive()
+            if not ok:
+                # The interpreter's exit would join the stuck model thread forever.
+                log.critical("%s; stopping with status %d", why, EXIT_HUNG)
+                logging.shutdown()
+                os._exit(EXIT_HUNG)
 
     # --- helpers of the routes ----------------------------------------------------------
     def tokenizer(self, name: str | None, request: Request):

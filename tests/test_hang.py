@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -201,6 +202,9 @@ def test_without_exit_the_server_stays_up_unhealthy(hung_server):
     assert 'softvq_model_hangs_total{worker="embedded"} 1.0' in metrics_text
     time.sleep(1.5)
     assert proc.poll() is None  # still up: the liveness probe decides
+    # ... and its restart (SIGTERM) is not blocked by the stuck model thread
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == EXIT_HUNG
 
 
 @pytest.mark.redis
@@ -209,8 +213,8 @@ def test_hung_worker_hands_back_its_jobs_and_exits_70(
 ):
     opts = {"visibility_timeout_s": 1.0, "hang_grace_s": 1.0}
     settings = engine_settings_factory(redis_url=redis_server.url, **opts)
-    # A 300 ms batching window: w1 reads both jobs before it starts the black one.
-    w1 = spawn_worker(redis_server.url, "w1", module="tests.hang_harness", max_wait_ms=300, **opts)
+    # An 800 ms batching window: w1 reads both jobs before it starts the black one.
+    w1 = spawn_worker(redis_server.url, "w1", module="tests.hang_harness", max_wait_ms=800, **opts)
     keys = Keys(settings.stream_prefix)
     r = redis.Redis.from_url(redis_server.url)
     end = time.monotonic() + 120
@@ -222,7 +226,10 @@ def test_hung_worker_hands_back_its_jobs_and_exits_70(
         broker = RedisBroker(settings)
         await broker.start()
         try:
-            hung = asyncio.create_task(broker.submit(black_job(time.time() + 1.0)))
+            hung = asyncio.create_task(broker.submit(black_job(time.time() + 2.0)))
+            tokenize = keys.stream("tiny", "tokenize")
+            while not r.xlen(tokenize):  # queued first, so it runs first
+                await asyncio.sleep(0.005)
             good = asyncio.create_task(broker.submit(decode_job(1, 3)))  # 30 s deadline
             with pytest.raises(JobTimeout):
                 await hung
