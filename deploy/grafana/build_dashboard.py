@@ -480,6 +480,26 @@ def build() -> dict:
     )
     L.add(
         timeseries(
+            "Restarts and hung model calls (last hour)",
+            "Process restarts per API / worker (crash, OOM kill, or exit 70 after a hung "
+            "model call), and hangs counted by processes that stay up "
+            "(SOFTVQ_EXIT_ON_HANG=false).",
+            [
+                target(
+                    'sum by (job, instance) (changes(process_start_time_seconds{job=~"softvq.*"}[1h]))',
+                    "restarts {{job}} {{instance}}",
+                ),
+                target(
+                    "sum by (instance) (increase(softvq_model_hangs_total[1h]))",
+                    "hangs {{instance}}",
+                    "B",
+                ),
+            ],
+        ),
+        8,
+    )
+    L.add(
+        timeseries(
             "GPU memory",
             "Memory held by torch on each GPU (allocated, reserved, ...), per process.",
             [
