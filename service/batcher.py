@@ -250,8 +250,10 @@ class Batcher:
         try:
             # Nobody waits for the result once every deadline has passed; a call still running
             # a grace period later is hung, not slow.
-            limit = max(j.deadline for j in live) - time.time() + self.hang_grace
-            done, _ = await asyncio.wait({call}, timeout=max(limit, self.hang_grace))
+            # (A job without a deadline is given the default request timeout from now.)
+            now = time.time()
+            last = max(j.deadline or now + self.settings.request_timeout_s for j in live)
+            done, _ = await asyncio.wait({call}, timeout=max(0.0, last - now) + self.hang_grace)
             if not done:
                 self._hung(live, time.perf_counter() - start)
             outcomes = call.result()
