@@ -129,24 +129,31 @@ def sample(
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     path: str = "linear",
     generators: Sequence[torch.Generator] | None = None,
+    t_start: float = 1.0,
 ) -> torch.Tensor:
     """Integrate from noise (t = 1) to data (t = 0).
 
     noise (B, L, D) (or (B, C, H, W) for a 2-D model), labels (B,) -> normalised latents of
     noise's shape, in noise's dtype. ``generators`` (one per sample) drive the SDE's noise.
+    ``t_start`` < 1 (ODE samplers only): ``noise`` is a partly noised x_t at that time (the
+    evaluation's diagnostic of which noise levels a generator can undo).
     """
     check_sampling_inputs(gen, noise, labels, steps, sampler, path)
+    if t_start != 1.0 and (sampler == "euler-maruyama" or not 0.0 < t_start < 1.0):
+        raise ValueError("t_start must be in (0, 1] and needs an ODE sampler (euler, heun)")
     velocity = GuidedVelocity(gen, labels, cfg_scale, guidance_interval)
     x = noise.to(torch.float64)
     if sampler == "euler-maruyama":
         x = _euler_maruyama(velocity, x, steps, path, generators)
     else:
-        x = _ode(velocity, x, steps, heun=sampler == "heun")
+        x = _ode(velocity, x, steps, heun=sampler == "heun", t_start=t_start)
     return x.to(noise.dtype)
 
 
-def _ode(velocity: GuidedVelocity, x: torch.Tensor, steps: int, heun: bool) -> torch.Tensor:
-    grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+def _ode(
+    velocity: GuidedVelocity, x: torch.Tensor, steps: int, heun: bool, t_start: float = 1.0
+) -> torch.Tensor:
+    grid = torch.linspace(t_start, 0, steps + 1, dtype=torch.float64).tolist()
     for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         d_cur = velocity(x, t_cur, t_cur)
         x_next = x + (t_next - t_cur) * d_cur

@@ -15,9 +15,7 @@ import asyncio
 import json
 import logging
 import math
-import os
 import secrets
-import sys
 import time
 from contextlib import asynccontextmanager, suppress
 
@@ -35,7 +33,7 @@ import model as models
 
 from . import codec, errors, metrics
 from .auth import AuthMiddleware
-from .batcher import EXIT_HUNG
+from .batcher import exit_hung
 from .errors import ApiError
 from .jobs import Job, JobTimeout
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
@@ -98,14 +96,7 @@ class Service:
         if not self.settings.exit_on_hang:
             log.critical("%s; /healthz now answers 503 (SOFTVQ_EXIT_ON_HANG=false)", why)
             return
-        log.critical("%s; exiting with status %d for a restart", why, EXIT_HUNG)
-
-        def leave() -> None:
-            logging.shutdown()
-            sys.stderr.flush()
-            os._exit(EXIT_HUNG)  # not sys.exit: a graceful stop would join the stuck thread
-
-        asyncio.get_running_loop().call_later(1.0, leave)
+        asyncio.get_running_loop().call_later(1.0, exit_hung, why)
 
     async def stop(self) -> None:
         self.started = False
@@ -113,10 +104,7 @@ class Service:
             await self.broker.stop()  # graceful: finishes the jobs it holds
             ok, why = self.broker.alive()
             if not ok:
-                # The interpreter's exit would join the stuck model thread forever.
-                log.critical("%s; stopping with status %d", why, EXIT_HUNG)
-                logging.shutdown()
-                os._exit(EXIT_HUNG)
+                exit_hung(why)
 
     # --- helpers of the routes ----------------------------------------------------------
     def tokenizer(self, name: str | None, request: Request):

@@ -25,11 +25,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from abc import ABC, abstractmethod
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import NoReturn
 
 from . import metrics
 from .executor import Executor, ModelCrashed, job_cost
@@ -66,6 +68,15 @@ class JobSource(ABC):
 
 # Exit status of a process that ends itself after a hung model call (EX_SOFTWARE).
 EXIT_HUNG = 70
+
+
+def exit_hung(message: str) -> NoReturn:
+    """End the process after a hung model call. Not sys.exit: the interpreter's exit would
+    join the stuck model thread forever; the supervisor starts a fresh process."""
+    log.critical("%s; exiting with status %d for a restart", message, EXIT_HUNG)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(EXIT_HUNG)
 
 
 class HungModelCall(RuntimeError):

@@ -18,7 +18,7 @@ Delivery is at least once:
 
 A model call that hangs (still running ``hang_grace_s`` after its jobs' last deadline) ends
 the worker: the heartbeat stops, unstarted jobs are handed back, the hung call's jobs are left
-to the visibility timeout, and the process exits with status 70 (``EXIT_HUNG``).
+to the visibility timeout, and the process exits with status 70 (``batcher.exit_hung``).
 
 SIGTERM: stop reading, finish the running batch, then hand every held but unstarted job
 back by re-adding it as a new entry and acking the old one (in one MULTI), so other workers
@@ -42,7 +42,7 @@ import uuid
 from redis.exceptions import RedisError, ResponseError
 
 from . import metrics
-from .batcher import EXIT_HUNG, Batcher, HungModelCall, JobSource, Outcome
+from .batcher import Batcher, HungModelCall, JobSource, Outcome, exit_hung
 from .broker.redis_streams import ANSWER, UNAVAILABLE, Keys, connect, ttl_seconds
 from .executor import Executor
 from .jobs import Job, JobFailed
@@ -376,7 +376,6 @@ class Worker:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": time.time(),
-            "models": sorted({*self.registry.tokenizers, *self.registry.generators}),
             "served": self.registry.served(),  # GET /models shows these, not the API's view
         }
         while self._helpers_run:
@@ -425,12 +424,7 @@ def run_worker(
     try:
         asyncio.run(worker.run())
     except HungModelCall as e:
-        # The stuck model thread can be neither stopped nor joined: leave without the
-        # interpreter's exit handlers, for the supervisor to start a fresh worker.
-        log.critical("worker %s exits with status %d: %s", worker.worker_id, EXIT_HUNG, e)
-        logging.shutdown()
-        sys.stderr.flush()
-        os._exit(EXIT_HUNG)
+        exit_hung(f"worker {worker.worker_id}: {e}")
 
 
 def _s(x) -> str:

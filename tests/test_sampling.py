@@ -146,6 +146,22 @@ def test_validation():
         model.sample(gen, noise, torch.tensor([0, 1]), 0)
     with pytest.raises(ValueError, match="seeds"):
         model.sample_latents(gen, [0, 1], [0], steps=2)
+    with pytest.raises(ValueError, match="t_start"):
+        model.sample(gen, noise, torch.tensor([0, 1]), 2, sampler="euler-maruyama", t_start=0.5)
+    with pytest.raises(ValueError, match="t_start"):
+        model.sample(gen, noise, torch.tensor([0, 1]), 2, t_start=0.0)
+
+
+def test_partial_ode_from_t_start_is_the_tail_of_the_full_grid():
+    """Euler from t_start = 0.5 in 2 steps takes exactly the last 2 of 4 steps from t = 1."""
+    gen, labels = make_generator(), torch.tensor([3, 7])
+    x = torch.randn(2, 8, 8, dtype=torch.float64)
+    v = model.sampling.GuidedVelocity(gen, labels, 1.0, (0.0, 1.0))
+    want = x
+    for t_cur, t_next in ((0.5, 0.25), (0.25, 0.0)):
+        want = want + (t_next - t_cur) * v(want, t_cur, t_cur)
+    got = model.sample(gen, x, labels, 2, t_start=0.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
 def test_time_embedding_uses_raw_t():

@@ -18,7 +18,7 @@ import torch
 
 from ..images import make_grid, psnr, to_pil
 from ..pipeline import generate
-from ..sampling import GuidedVelocity
+from ..sampling import sample
 from .data import ProceduralShapes
 
 HELD_OUT_SEED = 1_000_000  # the demo models train on seed 0
@@ -79,7 +79,8 @@ def accuracy_from_noised_latents(
 ) -> dict[float, float]:
     """Where generation loses the class: held-out images are encoded, their normalised
     latents noised along the training path to time t (x_t = (1 - t) x_0 + t eps), integrated
-    back to t = 0 by the generator (Euler, guided with the true class), decoded and judged.
+    back to t = 0 by the generator (the sampler of ``settings``, guided with the true class),
+    decoded and judged.
     t = 0 is the judge's accuracy on reconstructions (the ceiling for generated images),
     t = 1 is generation from pure noise; the drop in between shows which noise levels the
     generator cannot undo."""
@@ -88,14 +89,20 @@ def accuracy_from_noised_latents(
     images, labels = data.batch(range(count))
     z0 = ((tok.encode(images) - tok.vq_mean) / tok.vq_std).double()
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed), dtype=z0.dtype)
-    velocity = GuidedVelocity(gen, labels, settings.cfg_scale, settings.guidance_interval)
     out = {}
     for t0 in noise_levels:
         x = (1 - t0) * z0 + t0 * eps
-        grid = torch.linspace(t0, 0, settings.steps + 1, dtype=torch.float64).tolist()
-        for t_cur, t_next in zip(grid[:-1], grid[1:]):
-            if t_cur > 0:
-                x = x + (t_next - t_cur) * velocity(x, t_cur, t_cur)
+        if t0 > 0:
+            x = sample(
+                gen,
+                x,
+                labels,
+                settings.steps,
+                settings.sampler,
+                settings.cfg_scale,
+                settings.guidance_interval,
+                t_start=t0,
+            )
         decoded = tok.decode(x.float() * tok.vq_std + tok.vq_mean).clamp(-1, 1)
         out[float(t0)] = float((judge.predict(decoded) == labels).float().mean())
     return out
