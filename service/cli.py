@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from model.usage import UsageError
 
-class UsageError(Exception):
-    """A mistake in what the user asked for: printed as one line, exit status 2."""
+__all__ = ["UsageError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module's main, not __main__'s copy, so UsageError is one class.
+    # Run the imported module's main, not __main__'s copy (one set of registered commands).
     from service.cli import main as _main
 
     sys.exit(_main())

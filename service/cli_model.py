@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import UsageError
+from model.usage import UsageError
 
 
 def _tokenizer_dir(arg: str | None) -> str:

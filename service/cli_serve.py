@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from .cli import UsageError
+from model.usage import UsageError
 
 
 def _settings(**overrides):

@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..usage import UsageError
 from .loop import set_threads
 
 
@@ -108,7 +109,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _check_data(data: str) -> None:
-    from service.cli import UsageError
 
     if data != "shapes" and not Path(data).is_dir():
         raise UsageError(f'--data must be "shapes" or a folder of class sub-folders, got {data!r}')
@@ -147,7 +147,6 @@ def _train_tokenizer(args) -> int:
 
 
 def _train_generator(args) -> int:
-    from service.cli import UsageError
 
     from .generator_trainer import GeneratorTrainConfig, train_generator
 
