@@ -25,6 +25,7 @@ from collections import OrderedDict
 
 import torch
 
+from .backends.bucketing import bucket_for, pad_rows
 from .sampling import check_sampling_inputs, sample
 
 GRAPH_SAMPLERS = ("euler", "heun")
@@ -143,9 +144,17 @@ def sample_graphed(
         return sample(
             gen, noise, labels, steps, sampler, cfg_scale, guidance_interval, path, generators
         )
-    B = noise.shape[0]
     check_sampling_inputs(gen, noise, labels, steps, sampler, path)
-    scale = torch.as_tensor(cfg_scale, dtype=torch.float64, device=noise.device).expand(B)
+    n = noise.shape[0]
+    scale = torch.as_tensor(cfg_scale, dtype=torch.float64, device=noise.device).expand(n)
+    # A captured graph has a fixed batch: pad to the runner's bucket (null class, no
+    # guidance) so one graph per bucket serves every batch size, as compiled backends do.
+    buckets = getattr(gen, "buckets", None)
+    B = bucket_for(n, buckets) if buckets and n <= max(buckets) else n
+    if B > n:
+        noise = pad_rows(noise, B - n)
+        labels = pad_rows(labels, B - n, torch.tensor(gen.num_classes))
+        scale = pad_rows(scale, B - n, torch.tensor(1.0, dtype=torch.float64))
     guided = bool((scale > 1.0).any())
     key = (
         id(gen),
@@ -165,4 +174,4 @@ def sample_graphed(
         while len(_cache) > MAX_CACHED_GRAPHS:
             _cache.popitem(last=False)
     _cache.move_to_end(key)
-    return graphed(noise, labels, scale)
+    return graphed(noise, labels, scale)[:n]

@@ -33,7 +33,7 @@ import model as models
 
 from . import codec, errors, metrics
 from .auth import AuthMiddleware
-from .batcher import exit_hung
+from .batcher import exit_for_restart
 from .errors import ApiError
 from .jobs import Job, JobTimeout
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
@@ -96,7 +96,7 @@ class Service:
         if not self.settings.exit_on_hang:
             log.critical("%s; /healthz now answers 503 (SOFTVQ_EXIT_ON_HANG=false)", why)
             return
-        asyncio.get_running_loop().call_later(1.0, exit_hung, why)
+        asyncio.get_running_loop().call_later(1.0, exit_for_restart, why)
 
     async def stop(self) -> None:
         self.started = False
@@ -104,7 +104,7 @@ class Service:
             await self.broker.stop()  # graceful: finishes the jobs it holds
             ok, why = self.broker.alive()
             if not ok:
-                exit_hung(why)
+                exit_for_restart(why)
 
     # --- helpers of the routes ----------------------------------------------------------
     def tokenizer(self, name: str | None, request: Request):

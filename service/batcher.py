@@ -66,13 +66,15 @@ class JobSource(ABC):
         """Jobs taken but never started, at shutdown: let someone else run them."""
 
 
-# Exit status of a process that ends itself after a hung model call (EX_SOFTWARE).
+# Exit status of a process that ends itself because it can no longer serve: a hung model
+# call, or a batcher / worker loop that stopped (EX_SOFTWARE).
 EXIT_HUNG = 70
 
 
-def exit_hung(message: str) -> NoReturn:
-    """End the process after a hung model call. Not sys.exit: the interpreter's exit would
-    join the stuck model thread forever; the supervisor starts a fresh process."""
+def exit_for_restart(message: str) -> NoReturn:
+    """End a process that can no longer serve. Not sys.exit: after a hung model call the
+    interpreter's exit would join the stuck model thread forever; the supervisor starts a
+    fresh process."""
     log.critical("%s; exiting with status %d for a restart", message, EXIT_HUNG)
     logging.shutdown()
     sys.stderr.flush()

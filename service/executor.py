@@ -1,9 +1,9 @@
 """Runs one batch of jobs on the models: the only place the service touches tensors.
 
 A batch (built by service/batcher.py) holds jobs of one model, task and params. The executor
-checks each job's payload, concatenates the payloads, pads the model batch up to a bucket of
-``settings.batch_buckets`` (so compiled graphs are reused), runs the model through its
-model.backends runner, and slices the outputs back per job.
+checks each job's payload, concatenates the payloads, runs the model through its
+model.backends runner (which pads to a batch bucket when its backend needs fixed shapes), and
+slices the outputs back per job.
 
 Failures stay as small as possible:
 - a job whose payload is malformed fails alone with InvalidJob before the batch runs;
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -63,16 +62,9 @@ def job_cost(job: Job) -> int:
     return job.size * (2 if guided(job) else 1)
 
 
-def bucket_for(cost: int, buckets: Sequence[int]) -> int:
-    """Smallest bucket holding ``cost`` items; ``cost`` itself when it exceeds them all."""
-    fits = [b for b in buckets if b >= cost]
-    return min(fits) if fits else cost
-
-
 class Executor:
-    def __init__(self, registry, buckets: Sequence[int] | None = None):
+    def __init__(self, registry):
         self.registry = registry
-        self.buckets = sorted(set(buckets or registry.settings.batch_buckets))
         self.max_steps = getattr(registry.settings, "max_steps", 1000)
 
     # --- entry point --------------------------------------------------------------------
@@ -167,24 +159,19 @@ class Executor:
         job0 = jobs[0]
         task, name = job0.task, job0.model
         items = sum(j.size for j in jobs)
-        pad = bucket_for(sum(job_cost(j) for j in jobs), self.buckets) - sum(
-            job_cost(j) for j in jobs
-        )
         start = time.perf_counter()
+        # No padding here: a runner whose backend needs fixed shapes pads to its own buckets
+        # (model.backends.bucketing); eager and ONNX on the CPU run the batch as it is.
         if task == "generate":
-            images = self._generate(jobs, pad)
-            outputs = {"images": tensor_to_uint8(images[:items])}
+            outputs = {"images": tensor_to_uint8(self._generate(jobs))}
         else:
             tok = self.registry.tokenizer(name)
             key = "tokens" if task == "decode" else "images"
             x = torch.from_numpy(np.concatenate([j.payload[key] for j in jobs]))
-            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
             if task == "decode":
-                out = tok.runner.decode(x)[:items]
-                outputs = {"images": tensor_to_uint8(out)}
+                outputs = {"images": tensor_to_uint8(tok.runner.decode(x))}
             else:
                 tokens, indices = tok.runner.encode(x)
-                tokens, indices = tokens[:items], indices[:items]
                 if task == "tokenize":
                     outputs = {
                         "tokens": tokens.float().cpu().numpy(),
@@ -194,22 +181,22 @@ class Executor:
                     rec = tok.runner.decode(tokens).float().cpu()
                     outputs = {
                         "images": tensor_to_uint8(rec),
-                        "psnr": np.asarray(psnr(rec, x[:items].float()), dtype=np.float64),
+                        "psnr": np.asarray(psnr(rec, x.float()), dtype=np.float64),
                     }
         elapsed = time.perf_counter() - start
         self._record(job0, items, elapsed)
         return _slice(jobs, outputs)
 
-    def _generate(self, jobs: list[Job], pad: int) -> torch.Tensor:
+    def _generate(self, jobs: list[Job]) -> torch.Tensor:
         gen = self.registry.generator(jobs[0].model)
         tok = self.registry.tokenizer(gen.tokenizer)
         q = jobs[0].params
-        labels = [y for j in jobs for y in j.payload["labels"]] + [0] * pad
-        seeds = [s for j in jobs for s in j.payload["seeds"]] + [0] * pad
-        # Per-sample guidance scale: jobs with different cfg_scale share the batch; padding
-        # rows use 1.0 (no null branch) so the guided forward is exactly the bucket size.
+        labels = [y for j in jobs for y in j.payload["labels"]]
+        seeds = [s for j in jobs for s in j.payload["seeds"]]
+        # Per-sample guidance scale: jobs with different cfg_scale share the batch (only the
+        # guided samples run a null branch).
         cfg = [float(j.payload.get("cfg_scale", 1.0)) for j in jobs for _ in range(j.size)]
-        cfg = torch.tensor(cfg + [1.0] * pad, dtype=torch.float64)
+        cfg = torch.tensor(cfg, dtype=torch.float64)
         lo, hi = q.get("guidance_interval", (0.0, 1.0))
         z = sample_latents(
             gen.runner,

@@ -4,6 +4,11 @@
     entry = registry.tokenizer("softvq-l-64")                # or None -> the default
     tokens, indices = entry.runner.encode(images)
     registry.warmup()                                        # every batch bucket once
+    registry.start_tuning()        # prove compile / onnx / auto in the background, swap in
+
+Every model first serves on ``eager`` (ready as soon as the weights are loaded and warm);
+the configured backend is built, proven against eager and (``auto``) timed in a background
+thread, then swapped in per model between batches (model.backends.auto).
 
 With no models configured the bundled demo weights (model/demo.py) that exist on disk are
 served. ``load_weights=False`` reads only each ``config.json``: the API in Redis mode needs
@@ -14,16 +19,16 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from model.backends import make_generator_runner, make_tokenizer_runner
+from model.backends import BACKENDS, GeneratorRunner, TokenizerRunner, build_runner, choose_backend
 from model.loading import load_generator, load_tokenizer, read_config
-from model.sit import GeneratorConfig
-from model.tokenizer import TokenizerConfig
+from model.sit import GeneratorConfig, SiT
+from model.tokenizer import SoftVQTokenizer, TokenizerConfig
 
 from . import metrics
 
@@ -57,8 +62,8 @@ class TokenizerEntry:
     num_codebooks: int
     vq_mean: float
     vq_std: float
-    runner: Any = None  # model.backends tokenizer runner; None when weights are not loaded
-    model: torch.nn.Module | None = None
+    runner: TokenizerRunner | None = None  # None when weights are not loaded
+    model: SoftVQTokenizer | None = None
 
 
 @dataclass
@@ -69,8 +74,8 @@ class GeneratorEntry:
     num_classes: int
     num_tokens: int
     token_dim: int
-    runner: Any = None  # callable like the generator: runner(x, t, y) -> velocity
-    model: torch.nn.Module | None = None
+    runner: GeneratorRunner | None = None  # callable like the generator: (x, t, y) -> v
+    model: SiT | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,6 +94,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 class ModelRegistry:
     def __init__(self, settings, device: torch.device, dtype: torch.dtype, backend: str):
+        if backend not in BACKENDS:
+            raise RegistryError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         self.settings = settings
         self.device, self.dtype, self.backend = device, dtype, backend
         self.buckets = sorted(set(settings.batch_buckets))
@@ -98,6 +105,11 @@ class ModelRegistry:
         self.default_generator: str | None = None
         self.loaded = False
         self.warm = False
+        # Background proving of the configured backend (start_tuning): model -> state, one of
+        # "pending", "proving", "done"; ``tuned`` is set when every model is done.
+        self.tuning: dict[str, str] = {}
+        self.tuned = threading.Event()
+        self._tuner: threading.Thread | None = None
         # Warm-up and batches run on an executor thread; a model is not re-entrant on a GPU.
         self.lock = threading.Lock()
 
@@ -149,7 +161,7 @@ class ModelRegistry:
             vq_mean=float(cfg.vq_mean),
             vq_std=float(cfg.vq_std),
             model=tok,
-            runner=make_tokenizer_runner(tok, self.backend, buckets=self.buckets)
+            runner=build_runner("tokenizer", tok, "eager", buckets=self.buckets)
             if tok is not None
             else None,
         )
@@ -178,7 +190,7 @@ class ModelRegistry:
             num_tokens=cfg.input_size,
             token_dim=cfg.in_channels,
             model=gen,
-            runner=make_generator_runner(gen, self.backend, buckets=self.buckets)
+            runner=build_runner("generator", gen, "eager", buckets=self.buckets)
             if gen is not None
             else None,
         )
@@ -259,16 +271,95 @@ class ModelRegistry:
             buckets,
         )
 
+    # --- the configured backend, proven in the background ----------------------------------
+    def start_tuning(self) -> None:
+        """Prove the configured backend of every model in a background thread and swap it in
+        (``tune_backends``); eager serves meanwhile. No-op for ``eager``."""
+        if not self.loaded or self._tuner is not None:
+            return
+        if self.backend == "eager":
+            self.tuned.set()
+            return
+        self._tuner = threading.Thread(
+            target=self.tune_backends, name="softvq-backend-tuner", daemon=True
+        )
+        self._tuner.start()
+
+    def tune_backends(self) -> None:
+        """For each model: build the configured backend, warm it up at every bucket, check it
+        against eager, time it (``auto``), and swap the winner in between two batches (under
+        ``lock``). A backend that fails is logged and skipped (model.backends.auto); this
+        never raises, and eager keeps serving whatever happens."""
+        if not self.loaded:
+            raise RuntimeError("tuning needs a registry built with load_weights=True")
+        entries = [("tokenizer", e) for e in self.tokenizers.values()]
+        entries += [("generator", e) for e in self.generators.values()]
+        self.tuning = {e.name: "pending" for _, e in entries}
+        t0 = time.perf_counter()
+        for kind, entry in entries:
+            self.tuning[entry.name] = "proving"
+            try:
+                self._tune(kind, entry)
+            except Exception:  # noqa: BLE001 - a bug here must not take serving down
+                log.exception("backend tuning of %s failed; it stays on eager", entry.name)
+            self.tuning[entry.name] = "done"
+        self.tuned.set()
+        log.info(
+            "backends settled in %.1fs: %s",
+            time.perf_counter() - t0,
+            ", ".join(f"{e.name}={e.runner.backend}" for _, e in entries),
+        )
+
+    def _tune(self, kind: str, entry: TokenizerEntry | GeneratorEntry) -> None:
+        eager = entry.runner
+        if self.backend == "eager" or eager.backend != "eager":
+            return
+        cache_dir = self.settings.cache_dir
+        choice = choose_backend(
+            kind,
+            entry.name,
+            eager,
+            self.backend,
+            lambda b: build_runner(kind, entry.model, b, buckets=self.buckets, cache_dir=cache_dir),
+            cache_dir=cache_dir,
+            timing_lock=self.lock,
+        )
+        if choice.runner is eager:
+            return
+        with self.lock:  # between two batches: the executor holds it for a whole batch
+            self._unexport_info(kind, entry)
+            entry.runner = choice.runner
+            self._export_info_one(kind, entry)
+        log.info(
+            "%s %s now runs on %s (was eager)%s",
+            kind,
+            entry.name,
+            choice.backend,
+            f"; seconds per call {choice.timings}" if choice.timings else "",
+        )
+
+    def _labels(self, kind: str, e) -> dict[str, str]:
+        return dict(
+            model=e.name,
+            kind=kind,
+            tokens=str(e.num_tokens),
+            dim=str(e.token_dim),
+            **self._common(e),
+        )
+
+    def _export_info_one(self, kind: str, e) -> None:
+        metrics.MODEL_INFO.labels(**self._labels(kind, e)).set(1)
+
+    def _unexport_info(self, kind: str, e) -> None:
+        try:
+            metrics.MODEL_INFO.remove(*self._labels(kind, e).values())
+        except KeyError:
+            pass
+
     def _export_info(self) -> None:
         for kind, entries in (("tokenizer", self.tokenizers), ("generator", self.generators)):
             for e in entries.values():
-                metrics.MODEL_INFO.labels(
-                    model=e.name,
-                    kind=kind,
-                    tokens=str(e.num_tokens),
-                    dim=str(e.token_dim),
-                    **self._common(e),
-                ).set(1)
+                self._export_info_one(kind, e)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

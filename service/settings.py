@@ -51,9 +51,14 @@ class Settings(BaseSettings):
     backend: str = Field(
         "auto",
         description=(
-            "execution backend: auto (time eager, compile and onnx on each model at start-up,"
-            " keep the fastest; the choice is cached) | eager | compile | onnx"
+            "execution backend: auto (prove compile and onnx against eager and time them, keep"
+            " the fastest; the choice is cached) | eager | compile | onnx. Models serve on eager"
+            " at once; the chosen backend is swapped in per model once proven, in the background"
         ),
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="ONNX exports and backend decisions (default ~/.cache/softvq)",
     )
     cuda_graphs: bool = Field(
         True,

@@ -18,7 +18,7 @@ Delivery is at least once:
 
 A model call that hangs (still running ``hang_grace_s`` after its jobs' last deadline) ends
 the worker: the heartbeat stops, unstarted jobs are handed back, the hung call's jobs are left
-to the visibility timeout, and the process exits with status 70 (``batcher.exit_hung``).
+to the visibility timeout, and the process exits with status 70 (``batcher.exit_for_restart``).
 
 SIGTERM: stop reading, finish the running batch, then hand every held but unstarted job
 back by re-adding it as a new entry and acking the old one (in one MULTI), so other workers
@@ -42,7 +42,7 @@ import uuid
 from redis.exceptions import RedisError, ResponseError
 
 from . import metrics
-from .batcher import Batcher, HungModelCall, JobSource, Outcome, exit_hung
+from .batcher import Batcher, HungModelCall, JobSource, Outcome, exit_for_restart
 from .broker.redis_streams import ANSWER, UNAVAILABLE, Keys, connect, ttl_seconds
 from .executor import Executor
 from .jobs import Job, JobFailed
@@ -372,14 +372,12 @@ class Worker:
 
     async def _heartbeat(self, redis) -> None:
         key = self.keys.worker(self.worker_id)
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.time(),
-            "served": self.registry.served(),  # GET /models shows these, not the API's view
-        }
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         while self._helpers_run:
             try:
+                # GET /models shows these, not the API's view; the backend of a model changes
+                # once its configured backend is proven (registry.start_tuning).
+                info["served"] = self.registry.served()
                 info["busy"] = bool(self.batcher.running)
                 info["batches"] = self.batcher.batches_run
                 await redis.set(key, json.dumps(info), ex=HEARTBEAT_TTL_S)
@@ -420,11 +418,16 @@ def run_worker(
         from prometheus_client import start_http_server
 
         start_http_server(metrics_port)
+    # Jobs are taken on eager at once; the configured backend is proven and swapped in.
+    registry.start_tuning()
     worker = Worker(settings, registry, worker_id)
     try:
         asyncio.run(worker.run())
     except HungModelCall as e:
-        exit_hung(f"worker {worker.worker_id}: {e}")
+        exit_for_restart(f"worker {worker.worker_id}: {e}")
+    except Exception as e:  # noqa: BLE001 - the loop died: a restart is the only cure
+        log.exception("worker loop crashed")
+        exit_for_restart(f"worker {worker.worker_id}: loop stopped: {type(e).__name__}: {e}")
 
 
 def _s(x) -> str:

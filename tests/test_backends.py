@@ -81,6 +81,34 @@ def test_bucket_padding_and_chunking():
         backends.bucket_for(9, (1, 2, 4, 8))
 
 
+def test_only_fixed_shape_runners_pad(images):
+    """The padding contract: a runner pads to its buckets only when its backend needs fixed
+    shapes (compile; ONNX on GPU providers); eager and ONNX on the CPU never see zero rows.
+    Padded or not, every row's result is the same."""
+    tok, gen = make_tokenizer(), make_generator()
+    seen = []
+    plain = backends.make_tokenizer_runner(tok, "eager", buckets=[1, 4])
+    padded = backends.make_tokenizer_runner(tok, "eager", buckets=[1, 4])
+    padded.fixed_shapes = True  # as a compiled runner is
+    for r in (plain, padded):
+        inner = r.decode_graph
+        r.decode_graph = lambda t, inner=inner: seen.append(t.shape[0]) or inner(t)
+    tokens = torch.randn(6, 8, 8, generator=torch.Generator().manual_seed(1))
+    a, b = plain.decode(tokens), padded.decode(tokens)
+    assert seen == [6, 4, 4]  # unpadded; then 6 = 4 + 2 padded to 4
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # Generators pad with the null class; eager and CPU ONNX declare dynamic shapes.
+    g = backends.make_generator_runner(gen, "eager", buckets=[4])
+    g.fixed_shapes = True
+    calls = []
+    inner_v = g._velocity
+    g._velocity = lambda x, t, y: calls.append(y.tolist()) or inner_v(x, t, y)
+    g(torch.zeros(3, 8, 8), torch.ones(3), torch.tensor([1, 2, 3]))
+    assert calls == [[1, 2, 3, gen.num_classes]]
+    assert not backends.RUNNERS["eager"][0].fixed_shapes
+    assert backends.RUNNERS["compile"][0].fixed_shapes
+
+
 def test_unknown_backend_is_a_clear_error(tiny_tokenizer):
     with pytest.raises(ValueError, match="unknown backend"):
         backends.make_tokenizer_runner(tiny_tokenizer, "tensorrt-magic")
@@ -249,6 +277,12 @@ def test_default_backend_is_auto_and_resolves_by_measurement(
     assert Settings().backend == "auto"
     monkeypatch.setenv("SOFTVQ_CACHE_DIR", str(tmp_path))
     reg = ModelRegistry.from_settings(engine_settings_factory(backend="auto", batch_buckets=[2]))
+    # Eager serves at once; the measuring happens in tune_backends (a background thread in
+    # the service: registry.start_tuning).
+    info = reg.info()
+    assert {m["backend"] for m in info["tokenizers"] + info["generators"]} == {"eager"}
+    reg.warmup()
+    reg.tune_backends()
     info = reg.info()
     chosen = [m["backend"] for m in info["tokenizers"] + info["generators"]]
     assert chosen and set(chosen) <= {"eager", "compile", "onnx"}

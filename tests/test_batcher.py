@@ -16,7 +16,7 @@ import torch
 
 from service.batcher import Batcher, JobSource, group_key
 from service.broker.inprocess import InProcessBroker
-from service.executor import Executor, bucket_for, job_cost
+from service.executor import Executor, job_cost
 from service.jobs import Job, JobTimeout
 
 torch.set_num_threads(1)
@@ -199,10 +199,14 @@ def test_max_wait_lets_a_later_job_join_and_flushes_a_partial_batch(
 
 
 # --- buckets -------------------------------------------------------------------------------
-def test_batches_are_padded_to_a_bucket(engine_registry, engine_settings_factory):
+def test_batches_reach_an_eager_runner_unpadded(engine_registry, engine_settings_factory):
+    """The padding contract: the executor never pads; an eager runner (dynamic shapes) gets
+    the batch as it is, with no zero rows to pay for. (Fixed-shape runners pad to their own
+    buckets: tests/test_backends.py.)"""
     settings = engine_settings_factory(max_wait_ms=200, batch_buckets=[1, 2, 4, 8])
     tok = engine_registry.tokenizer("tiny")
     gen = engine_registry.generator("sit-tiny")
+    assert not tok.runner.fixed_shapes and not gen.runner.fixed_shapes
     tok.runner = Watched(tok.runner)
     gen.runner = Watched(gen.runner)
     tjobs = [tok_job(1, i) for i in range(3)]
@@ -212,12 +216,10 @@ def test_batches_are_padded_to_a_bucket(engine_registry, engine_settings_factory
         return await asyncio.gather(*(broker.submit(j) for j in tjobs + gjobs))
 
     results = run_broker(engine_registry, settings, body)
-    assert bucket_for(3, [1, 2, 4, 8]) == 4 and bucket_for(9, [1, 2, 4, 8]) == 9
-    # 3 tokenize items -> one encode of bucket 4 (the warm-up ran before the wrapper).
-    assert tok.runner.sizes[0] == 4
-    # Generate: 1 guided (2 slots) + 1 plain = 3 -> padded to 4 with one unguided row, so
-    # every guided forward (cond + null rows) is exactly the bucket; then the decode of 4.
-    assert gen.runner.sizes == [4, 4]
+    assert tok.runner.sizes[0] == 3  # 3 tokenize items -> one encode of 3, not of bucket 4
+    # Generate: 1 guided + 1 plain sample -> each step runs 2 conditional rows + 1 null row;
+    # then one decode of the 2 images.
+    assert gen.runner.sizes == [3, 3] and tok.runner.sizes[1:] == [2]
     direct = tok.runner.runner.encode(
         torch.from_numpy(np.concatenate([j.payload["images"] for j in tjobs]))
     )

@@ -37,6 +37,7 @@ class InProcessBroker(Broker, JobSource):
         self._closing = False
         self._error: str | None = None
         self._hung: str | None = None  # why the model thread is lost for good
+        self._dead: str | None = None  # why this broker can never run another job
         self._started = time.time()
 
     # --- Broker -------------------------------------------------------------------------
@@ -52,19 +53,31 @@ class InProcessBroker(Broker, JobSource):
         try:
             if not self.registry.warm:
                 await loop.run_in_executor(self.batcher.pool, self.registry.warmup)
+            # Ready on eager now; the configured backend is proven and swapped in meanwhile.
+            self.registry.start_tuning()
             await self.batcher.run()
         except HungModelCall as e:
             # The model thread is lost: every waiting caller gets a clear 503 now rather than
             # a 504 at its deadline, and the service is told (it exits for a restart).
-            self._hung = self._error = f"model hung: {e}"
+            self._hung = self._dead = self._error = f"model hung: {e}"
             self._fail_all(ModelHung(f"{e}; the service is restarting"))
             if self.on_fatal is not None:
                 self.on_fatal(self._error)
+            return
         except Exception as e:
-            self._error = f"batcher stopped: {type(e).__name__}: {e}"
+            # Warm-up or the batch loop died: this process will never serve again. Dead, not
+            # merely unready: /healthz says so and the service exits for a restart.
+            self._dead = self._error = f"batcher stopped: {type(e).__name__}: {e}"
             log.exception("embedded batcher crashed")
             self._fail_all(BrokerUnavailable(self._error))
+            if self.on_fatal is not None:
+                self.on_fatal(self._error)
             raise
+        if not self._closing:  # run() returns only when stopped; anything else is a bug
+            self._dead = self._error = "batcher stopped without being asked to"
+            self._fail_all(BrokerUnavailable(self._error))
+            if self.on_fatal is not None:
+                self.on_fatal(self._error)
 
     async def stop(self) -> None:
         self._closing = True
@@ -132,7 +145,7 @@ class InProcessBroker(Broker, JobSource):
         ]
 
     def alive(self) -> tuple[bool, str]:
-        return (False, self._hung) if self._hung else (True, "ok")
+        return (False, self._dead) if self._dead else (True, "ok")
 
     async def queue_depth(self, model: str, task: str) -> int:
         return self._counts[(model, task)]
