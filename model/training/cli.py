@@ -1,5 +1,5 @@
-"""Training subcommands of ``softvq``: train-tokenizer, train-generator, train-demo,
-evaluate-demo."""
+"""Training subcommands of ``softvq``: train-teacher, train-tokenizer, train-generator,
+train-demo, evaluate-demo."""
 
 from __future__ import annotations
 
@@ -14,6 +14,22 @@ from .loop import set_threads
 
 
 def register(sub) -> None:
+    p = sub.add_parser(
+        "train-teacher",
+        help="train the frozen teacher (our DINOv2 stand-in) for alignment losses (resumable)",
+    )
+    _common(p)
+    p.add_argument("--arch", choices=("vit", "cnn"), default="vit")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--patch-size", type=int, default=4, help="vit only")
+    p.add_argument("--width", type=int, default=96, help="vit width / cnn first-stage channels")
+    p.add_argument("--depth", type=int, default=2, help="vit only")
+    p.add_argument("--heads", type=int, default=4, help="vit only")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.set_defaults(func=_train_teacher)
+
     p = sub.add_parser("train-tokenizer", help="train a SoftVQ tokenizer (resumable)")
     _common(p)
     p.add_argument("--image-size", type=int, default=64)
@@ -39,6 +55,25 @@ def register(sub) -> None:
         default="sincos",
         help="patch position embeddings at init (random: timm's; sincos learns much faster)",
     )
+    p.add_argument("--teacher", default=None, help="teacher directory (softvq train-teacher)")
+    p.add_argument(
+        "--align-weight",
+        type=float,
+        default=0.0,
+        help="latent-token alignment to the teacher's patch features (SoftVQ's repa; 0: off)",
+    )
+    p.add_argument("--align-proj-dim", type=int, default=256)
+    p.add_argument(
+        "--perceptual-weight",
+        type=float,
+        default=0.0,
+        help="distance of the teacher's feature maps, reconstruction vs image (0: off)",
+    )
+    p.add_argument(
+        "--init-from-teacher",
+        action="store_true",
+        help="start the encoder from a vit teacher of the same shape",
+    )
     p.set_defaults(func=_train_tokenizer)
 
     p = sub.add_parser("train-generator", help="train a SiT on a tokenizer's latents (resumable)")
@@ -57,6 +92,14 @@ def register(sub) -> None:
         default=20_000,
         help="built-in set: images encoded once for training",
     )
+    p.add_argument("--teacher", default=None, help="teacher directory (softvq train-teacher)")
+    p.add_argument(
+        "--repa-weight",
+        type=float,
+        default=0.0,
+        help="REPA: align a block's hidden states to the teacher's features (0: off)",
+    )
+    p.add_argument("--repa-block", type=int, default=0, help="after which block (0: depth // 2)")
     p.set_defaults(func=_train_generator)
 
     p = sub.add_parser("train-demo", help="retrain every bundled demo model from scratch")
@@ -73,6 +116,12 @@ def register(sub) -> None:
         help="multiply every step count (e.g. 0.01 for a smoke run)",
     )
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one process, stage after stage (default: teacher / judge, then the two chains "
+        "side by side, one thread each)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train_demo)
 
@@ -114,10 +163,48 @@ def _check_data(data: str) -> None:
         raise UsageError(f'--data must be "shapes" or a folder of class sub-folders, got {data!r}')
 
 
+def _train_teacher(args) -> int:
+    from .teacher import TeacherTrainConfig, train_teacher
+
+    _check_data(args.data)
+    set_threads(args.threads)
+    cfg = TeacherTrainConfig(
+        out=args.out,
+        data=args.data,
+        arch=args.arch,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        width=args.width,
+        depth=args.depth,
+        num_heads=args.heads,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        ckpt=args.ckpt,
+        ckpt_every=args.ckpt_every,
+    )
+    train_teacher(cfg, quiet=args.quiet)
+    return 0
+
+
+def _check_teacher(teacher, needed: bool) -> None:
+    if needed and not teacher:
+        raise UsageError(
+            "--align-weight / --perceptual-weight / --init-from-teacher / "
+            "--repa-weight need --teacher DIR (softvq train-teacher)"
+        )
+    if teacher and not (Path(teacher) / "config.json").is_file():
+        raise UsageError(f"--teacher {teacher}: no config.json there")
+
+
 def _train_tokenizer(args) -> int:
     from .tokenizer_trainer import TokenizerTrainConfig, train_tokenizer
 
     _check_data(args.data)
+    _check_teacher(
+        args.teacher, bool(args.align_weight or args.perceptual_weight or args.init_from_teacher)
+    )
     set_threads(args.threads)
     vit = {"embed_dim": args.width, "depth": args.depth, "num_heads": args.heads}
     cfg = TokenizerTrainConfig(
@@ -138,6 +225,11 @@ def _train_tokenizer(args) -> int:
         grad_weight=args.grad_weight,
         entropy_weight=args.entropy_weight,
         pos_init=args.pos_init,
+        teacher=args.teacher,
+        align_weight=args.align_weight,
+        align_proj_dim=args.align_proj_dim,
+        perceptual_weight=args.perceptual_weight,
+        init_from_teacher=args.init_from_teacher,
         seed=args.seed,
         ckpt=args.ckpt,
         ckpt_every=args.ckpt_every,
@@ -153,6 +245,7 @@ def _train_generator(args) -> int:
     _check_data(args.data)
     if not (Path(args.tokenizer) / "config.json").is_file():
         raise UsageError(f"--tokenizer {args.tokenizer}: no config.json there")
+    _check_teacher(args.teacher, bool(args.repa_weight))
     set_threads(args.threads)
     cfg = GeneratorTrainConfig(
         out=args.out,
@@ -166,6 +259,9 @@ def _train_generator(args) -> int:
         lr=args.lr,
         class_dropout=args.class_dropout,
         train_size=args.train_size,
+        teacher=args.teacher,
+        repa_weight=args.repa_weight,
+        repa_block=args.repa_block,
         seed=args.seed,
         ckpt=args.ckpt,
         ckpt_every=args.ckpt_every,
@@ -181,7 +277,9 @@ def _train_demo(args) -> int:
     set_threads(args.threads)
     out_dir = Path(args.out_dir) if args.out_dir else demo.DEMO_WEIGHTS_DIR
     t0 = time.time()
-    finished = train_demo(Path(args.work_dir), scale=args.scale, quiet=args.quiet)
+    finished = train_demo(
+        Path(args.work_dir), scale=args.scale, quiet=args.quiet, parallel=not args.sequential
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, path in finished.items():
         dest = out_dir / name

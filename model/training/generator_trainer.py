@@ -8,6 +8,13 @@ t is drawn "lognormal": t = sigmoid(n), n ~ N(0, 1). Labels are replaced by the 
 The latents x_0 = (z_q - vq_mean) / vq_std of the training images are computed once with the
 tokenizer (vq_mean / vq_std come from its config.json, measured on its training latents) and
 cached next to the checkpoint, so each training step costs only the SiT.
+
+Generator-side alignment (REPA, off unless ``repa_weight`` > 0 and a ``teacher`` is given):
+the hidden states after block ``repa_block`` go through a training-only MLP (``projection``,
+not saved) and are pulled, by negative cosine similarity, towards the frozen teacher's patch
+features of the clean training image, pooled to one feature per latent token (token i: the
+mean over its share of the patches, as the tokenizer's "repeat" alignment pairs them). The
+teacher features are computed once at start (not cached on disk).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from ..tokenizer import SoftVQTokenizer
 from .data import open_source
 from .ema import EMA
 from .loop import load_checkpoint, lr_at, make_optimizer, progress, save_checkpoint, set_lr
+from .teacher import alignment_loss, load_teacher, pool_to, projector
 
 
 @dataclass
@@ -49,6 +57,10 @@ class GeneratorTrainConfig:
     seed: int = 0
     ckpt: str | None = None  # default: <out>.ckpt.pt; the latent cache sits beside it
     ckpt_every: int = 500
+    teacher: str | None = None  # teacher directory (softvq train-teacher)
+    repa_weight: float = 0.0
+    repa_block: int = 0  # hidden states after this many blocks; 0: depth // 2 (at least 1)
+    repa_proj_dim: int = 256
 
     def checkpoint_path(self) -> Path:
         return Path(self.ckpt) if self.ckpt else Path(str(self.out).rstrip("/") + ".ckpt.pt")
@@ -81,6 +93,44 @@ def flow_matching_loss(gen: SiT, x0: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return F.mse_loss(gen(x_t, t, y), eps - x0)
 
 
+def repa_block_index(cfg: GeneratorTrainConfig, depth: int) -> int:
+    k = cfg.repa_block or max(1, depth // 2)
+    if not 1 <= k <= depth:
+        raise ValueError(f"repa_block must be in [1, {depth}], got {k}")
+    return k
+
+
+def generator_loss(gen: SiT, x0, y, target=None, cfg=None):
+    """Flow matching, plus REPA when ``target`` (B, L, C) teacher features are given: the
+    hidden states after block ``cfg.repa_block`` through ``gen.projection``.
+    Returns (total, parts)."""
+    if target is None:
+        fm = flow_matching_loss(gen, x0, y)
+        return fm, {"fm": fm.item()}
+    captured = []
+    block = gen.blocks[repa_block_index(cfg, len(gen.blocks)) - 1]
+    hook = block.register_forward_hook(lambda m, i, o: captured.append(o))
+    try:
+        fm = flow_matching_loss(gen, x0, y)
+    finally:
+        hook.remove()
+    a = alignment_loss(gen.projection(captured[0]), target)
+    return fm + cfg.repa_weight * a, {"fm": fm.item(), "repa": a.item()}
+
+
+@torch.no_grad()
+def teacher_targets(teacher, dataset, num_tokens: int, batch_size: int = 100, quiet=False):
+    """The teacher's patch features of every training image, pooled to (N, L, C)."""
+    out = []
+    bar = progress(len(dataset), 0, "teacher features", quiet)
+    for start in range(0, len(dataset), batch_size):
+        images, _ = dataset.batch(range(start, min(len(dataset), start + batch_size)))
+        out.append(pool_to(teacher.patch_features(images), num_tokens))
+        bar.update(len(images))
+    bar.close()
+    return torch.cat(out)
+
+
 def train_generator(cfg: GeneratorTrainConfig, quiet: bool = False, stop_after: int | None = None):
     """Train (or resume) and save the EMA generator to ``cfg.out``; returns [(step, loss)]."""
     torch.manual_seed(cfg.seed)
@@ -95,6 +145,15 @@ def train_generator(cfg: GeneratorTrainConfig, quiet: bool = False, stop_after: 
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_file({"latents": latents, "labels": labels}, str(cache))
     del tok
+    targets = None
+    if cfg.repa_weight:
+        if not cfg.teacher:
+            raise ValueError("repa_weight needs a teacher directory")
+        teacher = load_teacher(cfg.teacher)
+        if teacher.config.image_size != source.image_size:
+            raise ValueError("the teacher was trained on another image size")
+        targets = teacher_targets(teacher, source.dataset, latents.shape[1], quiet=quiet)
+        del teacher
     gcfg = GeneratorConfig(
         input_size=latents.shape[1],
         in_channels=latents.shape[2],
@@ -107,6 +166,9 @@ def train_generator(cfg: GeneratorTrainConfig, quiet: bool = False, stop_after: 
     )
     gen = SiT(gcfg)
     gen.initialize_weights()
+    if targets is not None:
+        repa_block_index(cfg, cfg.depth)
+        gen.projection = projector(cfg.hidden_size, cfg.repa_proj_dim, targets.shape[-1])
     gen.train()
     ema = EMA(gen, cfg.ema_decay)
     opt = make_optimizer(gen, cfg.lr, cfg.weight_decay)
@@ -126,7 +188,8 @@ def train_generator(cfg: GeneratorTrainConfig, quiet: bool = False, stop_after: 
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
-        loss = flow_matching_loss(gen, latents[idx], labels[idx])
+        target = None if targets is None else targets[idx]
+        loss, parts = generator_loss(gen, latents[idx], labels[idx], target, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
@@ -135,12 +198,15 @@ def train_generator(cfg: GeneratorTrainConfig, quiet: bool = False, stop_after: 
         step += 1
         history.append((step, loss.item()))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()}, refresh=False)
         if step % cfg.ckpt_every == 0 or step == end:
             save_checkpoint(ckpt, step, gen, ema, opt, {"history": history})
     bar.close()
     if step >= cfg.steps:
-        save_generator(ema.model, cfg.out)
+        release = ema.model
+        if hasattr(release, "projection"):  # the REPA head is training-only
+            del release.projection
+        save_generator(release, cfg.out)
         meta = {
             "trained_with": dataclasses.asdict(cfg),
             "classes": list(source.classes),

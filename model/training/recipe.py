@@ -1,7 +1,8 @@
 """The recipe of the bundled demo models: every size and step count, in one place.
 
 ``train_demo`` runs it from scratch (or resumes it) in a work directory: the judge
-classifier, then for 32 and 64 tokens a tokenizer and a generator on its latents. Each stage
+classifier and the teacher (the frozen network the alignment losses use; never the judge),
+then for 32 and 64 tokens a tokenizer and a generator on its latents. Each stage
 is skipped when its finished model is already in the work directory, and each stage resumes
 from its own checkpoint, so the whole thing can be killed and restarted at any point.
 """
@@ -18,6 +19,7 @@ import torch
 from .. import demo
 from .classifier import train_judge
 from .generator_trainer import GeneratorTrainConfig, train_generator
+from .teacher import TeacherTrainConfig, train_teacher
 from .tokenizer_trainer import TokenizerTrainConfig, train_tokenizer
 
 # Sizes chosen so the whole recipe fits an hour on two CPU cores (two tokenizer chains run
@@ -43,6 +45,25 @@ GENERATOR_TRAIN_SIZE = 8000
 # The model still improves at the end of these short runs: a 0.999 EMA would average in
 # weights from far back; 0.998 spans the last ~500 steps (pilots: +0.3 dB over raw weights).
 EMA_DECAY = 0.998
+
+# The teacher (our DINOv2 stand-in, model/training/teacher.py) and the switches of the losses
+# that use it. Ablations behind these values: docs/DEMO_MODELS.md ("Teacher and alignment").
+TEACHER_DIR = "teacher"
+TEACHER = {"arch": "vit", "width": 96, "depth": 2, "num_heads": 4, "patch_size": 4}
+TEACHER_STEPS = 1500
+TOKENIZER_ALIGN_WEIGHT = 0.0  # latent tokens -> teacher patch features (SoftVQ's repa)
+TOKENIZER_PERCEPTUAL_WEIGHT = 0.0  # teacher feature-map distance, reconstruction vs image
+TOKENIZER_INIT_FROM_TEACHER = False  # encoder starts from the vit teacher
+GENERATOR_REPA_WEIGHT = 0.0  # SiT hidden states -> teacher features (REPA)
+
+
+def uses_teacher() -> bool:
+    return bool(
+        TOKENIZER_ALIGN_WEIGHT
+        or TOKENIZER_PERCEPTUAL_WEIGHT
+        or TOKENIZER_INIT_FROM_TEACHER
+        or GENERATOR_REPA_WEIGHT
+    )
 
 
 def _done(path: Path) -> bool:
@@ -70,11 +91,30 @@ def run_judge(work: Path, scale: float, quiet: bool, threads: int) -> Path:
     return out
 
 
+def run_teacher(work: Path, scale: float, quiet: bool, threads: int) -> Path | None:
+    """The frozen teacher, when any loss of the recipe uses it (not bundled)."""
+    if not uses_teacher():
+        return None
+    torch.set_num_threads(threads)
+    out = work / TEACHER_DIR
+    if not (out / "model.safetensors").is_file():
+        cfg = TeacherTrainConfig(
+            out=str(out),
+            steps=_steps(TEACHER_STEPS, scale),
+            ema_decay=EMA_DECAY,
+            ckpt=str(work / "ckpt" / "teacher.pt"),
+            **TEACHER,
+        )
+        _timed(work, "teacher", lambda: train_teacher(cfg, quiet=quiet))
+    return out
+
+
 def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, threads: int) -> dict:
     """Tokenizer, then the generator on its latents."""
     torch.set_num_threads(threads)
     L, D, tok_steps = TOKENIZERS[tok_name]
     tok_dir = work / tok_name
+    teacher = str(work / TEACHER_DIR) if uses_teacher() else None
     if not _done(tok_dir):
         cfg = TokenizerTrainConfig(
             out=str(tok_dir),
@@ -89,6 +129,10 @@ def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, threads: int
             pos_init=TOKENIZER_POS_INIT,
             ema_decay=EMA_DECAY,
             stats_images=2000 if scale >= 1 else 50,
+            teacher=teacher,
+            align_weight=TOKENIZER_ALIGN_WEIGHT,
+            perceptual_weight=TOKENIZER_PERCEPTUAL_WEIGHT,
+            init_from_teacher=TOKENIZER_INIT_FROM_TEACHER,
             ckpt=str(work / "ckpt" / f"{tok_name}.pt"),
         )
         _timed(work, tok_name, lambda: train_tokenizer(cfg, quiet=quiet))
@@ -103,6 +147,8 @@ def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, threads: int
             lr=GENERATOR_LR,
             ema_decay=EMA_DECAY,
             train_size=GENERATOR_TRAIN_SIZE if scale >= 1 else 100,
+            teacher=teacher,
+            repa_weight=GENERATOR_REPA_WEIGHT,
             ckpt=str(work / "ckpt" / f"{gen_name}.pt"),
             **GENERATOR,
         )
@@ -111,15 +157,18 @@ def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, threads: int
 
 
 def train_demo(work: Path, scale: float = 1.0, quiet: bool = False, parallel: bool = True):
-    """Train everything into ``work``; returns {bundled name: finished model directory}.
+    """Train everything into ``work``; returns {bundled name: finished model directory}
+    (the teacher stays in ``work``: it is not bundled).
 
     The judge and the two tokenizer -> generator chains are independent, so by default they
     run as three single-threaded processes: on a small shared CPU that beats one process with
-    several threads (whose OpenMP workers wait on each other whenever a core is taken).
+    several threads (whose OpenMP workers wait on each other whenever a core is taken). The
+    teacher, when the recipe uses one, trains first (beside the judge).
     """
     work.mkdir(parents=True, exist_ok=True)
     finished: dict[str, Path] = {}
     if not parallel:
+        run_teacher(work, scale, quiet, torch.get_num_threads())
         finished[demo.JUDGE_CLASSIFIER] = run_judge(work, scale, quiet, torch.get_num_threads())
         for tok_name in TOKENIZERS:
             finished.update(run_chain(work, tok_name, scale, quiet, torch.get_num_threads()))
@@ -127,6 +176,7 @@ def train_demo(work: Path, scale: float = 1.0, quiet: bool = False, parallel: bo
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1 + len(TOKENIZERS), mp_context=ctx) as pool:
         judge = pool.submit(run_judge, work, scale, quiet, 1)
+        pool.submit(run_teacher, work, scale, quiet, 1).result()
         chains = [pool.submit(run_chain, work, t, scale, quiet, 1) for t in TOKENIZERS]
         finished[demo.JUDGE_CLASSIFIER] = judge.result()
         for c in chains:

@@ -5,7 +5,14 @@ Loss = L1 + L2 on pixels
        reconstruction and the target: a cheap high-frequency term that sharpens edges
        without any downloaded network
      + ``entropy_weight`` * (mean per-token assignment entropy - entropy of the mean
-       assignment): the quantizer's entropy regularisation (confident tokens, used codebooks).
+       assignment): the quantizer's entropy regularisation (confident tokens, used codebooks)
+     + ``align_weight`` * negative cosine similarity between the latent tokens (through a
+       training-only MLP ``projection``, each token repeated over its share of the teacher's
+       patches) and a frozen teacher's patch features of the image (SoftVQ's ``repa``)
+     + ``perceptual_weight`` * distance between the teacher's feature maps of the
+       reconstruction and of the image (our LPIPS stand-in).
+The teacher (``teacher.py``, trained by ``softvq train-teacher``) can also initialise the
+encoder (``init_from_teacher``; a vit teacher of the encoder's shape).
 
 AdamW, warm-up + cosine learning rate, EMA weights (the EMA model is what gets saved), a
 checkpoint every ``ckpt_every`` steps that resumes exactly. At the end the latent statistics
@@ -35,6 +42,14 @@ from .loop import (
     progress,
     save_checkpoint,
     set_lr,
+)
+from .teacher import (
+    alignment_loss,
+    init_encoder_from_teacher,
+    load_teacher,
+    perceptual_distance,
+    projector,
+    repeat_to,
 )
 
 
@@ -77,6 +92,12 @@ class TokenizerTrainConfig:
     # latents cannot say where things are and a short run sits at the "mean colour" plateau;
     # in pilots sincos left it after ~500 steps (20.4 vs 17.0 dB at step 1000, 32 tokens).
     pos_init: str = "sincos"
+    # Teacher-driven terms (all off without a teacher directory).
+    teacher: str | None = None
+    align_weight: float = 0.0
+    align_proj_dim: int = 256
+    perceptual_weight: float = 0.0
+    init_from_teacher: bool = False
 
     def checkpoint_path(self) -> Path:
         return Path(self.ckpt) if self.ckpt else Path(str(self.out).rstrip("/") + ".ckpt.pt")
@@ -149,8 +170,11 @@ def gradient_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(dx(x), dx(y)) + F.l1_loss(dy(x), dy(y))
 
 
-def tokenizer_loss(tok: SoftVQTokenizer, images: torch.Tensor, cfg: TokenizerTrainConfig):
-    """images (B, 3, S, S) -> (total loss, dict of parts for logging)."""
+def tokenizer_loss(
+    tok: SoftVQTokenizer, images: torch.Tensor, cfg: TokenizerTrainConfig, teacher=None
+):
+    """images (B, 3, S, S) -> (total loss, dict of parts for logging). ``teacher`` (frozen)
+    drives the alignment and perceptual terms; the alignment head is ``tok.projection``."""
     z = tok.encode_pre_quant(images)
     z_q, _ = tok.quantize(z)
     recon = tok.decoder(tok.post_quant_conv(z_q))
@@ -166,7 +190,42 @@ def tokenizer_loss(tok: SoftVQTokenizer, images: torch.Tensor, cfg: TokenizerTra
         e = entropy_loss(soft_assignments(tok, z))
         total = total + cfg.entropy_weight * e
         parts["ent"] = e.item()
+    if teacher is not None and cfg.align_weight:
+        with torch.no_grad():
+            target = teacher.patch_features(images)
+        projected = repeat_to(tok.projection(z_q), target.shape[1])
+        a = alignment_loss(projected, target)
+        total = total + cfg.align_weight * a
+        parts["align"] = a.item()
+    if teacher is not None and cfg.perceptual_weight:
+        p = perceptual_distance(teacher, recon, images)
+        total = total + cfg.perceptual_weight * p
+        parts["perc"] = p.item()
     return total, parts
+
+
+def build_for_training(cfg: TokenizerTrainConfig):
+    """(tokenizer with fresh weights, frozen teacher or None). With alignment on, the
+    tokenizer gets a training-only ``projection`` head (dropped when saved)."""
+    tok = SoftVQTokenizer(cfg.model_config())
+    init_for_small_widths(tok, cfg.layerscale_init, cfg.pos_init)
+    teacher = None
+    if cfg.align_weight or cfg.perceptual_weight or cfg.init_from_teacher:
+        if not cfg.teacher:
+            raise ValueError("alignment, perceptual loss and encoder init need a teacher")
+        teacher = load_teacher(cfg.teacher)
+        if cfg.init_from_teacher:
+            init_encoder_from_teacher(tok, teacher)
+        if cfg.align_weight:
+            tok.projection = projector(cfg.token_dim, cfg.align_proj_dim, teacher.feature_dim)
+    return tok, teacher
+
+
+def without_projection(tok: SoftVQTokenizer) -> SoftVQTokenizer:
+    """The release: the alignment head is training-only."""
+    if hasattr(tok, "projection"):
+        del tok.projection
+    return tok
 
 
 @torch.no_grad()
@@ -191,8 +250,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, quiet: bool = False, stop_after: 
     Returns the list of (step, loss) logged."""
     torch.manual_seed(cfg.seed)
     source = open_source(cfg.data, cfg.image_size, size=cfg.train_size, seed=cfg.seed)
-    tok = SoftVQTokenizer(cfg.model_config())
-    init_for_small_widths(tok, cfg.layerscale_init, cfg.pos_init)
+    tok, teacher = build_for_training(cfg)
     tok.train()
     ema = EMA(tok, cfg.ema_decay)
     opt = make_optimizer(tok, cfg.lr, cfg.weight_decay)
@@ -210,7 +268,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, quiet: bool = False, stop_after: 
     while step < end:
         images, _ = next(data)
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
-        loss, parts = tokenizer_loss(tok, images, cfg)
+        loss, parts = tokenizer_loss(tok, images, cfg, teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
@@ -224,7 +282,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, quiet: bool = False, stop_after: 
             save_checkpoint(ckpt, step, tok, ema, opt, {"history": history})
     bar.close()
     if step >= cfg.steps:
-        finish(cfg, ema.model, source, time.time() - t0, quiet)
+        finish(cfg, without_projection(ema.model), source, time.time() - t0, quiet)
     return history
 
 
