@@ -206,7 +206,7 @@ def test_generator_repa_is_wired_resumes_exactly_and_drops_the_head(tmp_path, te
     torch.manual_seed(0)
     total, parts = generator_loss(gen, x0, y, target, cfg)
     assert set(parts) == {"fm", "repa"}
-    assert float(total) == pytest.approx(parts["fm"] + 0.5 * parts["repa"], rel=1e-5)
+    assert total.item() == pytest.approx(parts["fm"] + 0.5 * parts["repa"], rel=1e-5)
     gen.zero_grad()
     hidden = []
     h = gen.blocks[0].register_forward_hook(lambda m, i, o: hidden.append(o))
