@@ -3,6 +3,7 @@ processes under mixed load (loadtests/load.py) for N minutes, with memory sample
 
     python -m loadtests.soak --minutes 10 --out runs/soak        # tiny random models
     python -m loadtests.soak --minutes 1 --models demo           # the bundled demo weights
+    python -m loadtests.soak --minutes 4 --tree /tmp/before      # processes of another checkout
 
 Every ``--sample-every`` seconds it records the resident memory (VmRSS from /proc) of the API
 and of each worker, and Redis' ``used_memory`` and key count. At the end it waits for the
@@ -16,6 +17,12 @@ verdicts:
   RSS stays within 10 % of its first post-warm-up sample (max and min both);
 - Redis memory bounded: after the warm-up, ``used_memory`` never exceeds twice its warm-up
   peak, and the run ends with an empty queue and no unread replies.
+
+It also measures what health costs with the keys the load leaves in Redis (``health`` in the
+summary, not a verdict): during the load, the latency of ``GET /readyz`` and ``GET /metrics``
+every ``--probe-every`` seconds; after it, with the keys still there, ``--probe-calls`` calls of
+each, timed one by one, with the Redis commands each call issued (``INFO commandstats``
+counted around the calls, less the same span of background traffic without calls).
 
 ``Stack`` (the processes) is also what tests/test_reliability_*.py use to fault them.
 """
@@ -68,9 +75,18 @@ def tiny_model_env(root: Path) -> dict[str, str]:
 class Stack:
     """redis-server + API processes + worker processes, each logging to its own file."""
 
-    def __init__(self, env: dict[str, str], workdir: Path, redis_server: RedisServer | None = None):
+    def __init__(
+        self,
+        env: dict[str, str],
+        workdir: Path,
+        redis_server: RedisServer | None = None,
+        tree: Path | None = None,
+    ):
         self.redis = redis_server or RedisServer()
         self.workdir = Path(workdir)
+        # ``tree``: run the processes from another checkout (e.g. a git worktree of an older
+        # commit, for before/after numbers): ``python -m service.cli`` from its root.
+        self.tree = Path(tree).resolve() if tree else None
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("SOFTVQ_")},
             "OMP_NUM_THREADS": "1",
@@ -91,10 +107,12 @@ class Stack:
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
         log = open(self.workdir / f"{name}.log", "a+")
         self._logs[name] = log
+        command = [sys.executable, "-m", "service.cli"] if self.tree else softvq_command()
+        extra = {"PYTHONPATH": str(self.tree)} if self.tree else {}
         proc = subprocess.Popen(
-            [*softvq_command(), *args],
-            env={**self.env, **env, "SOFTVQ_REDIS_URL": self.redis.url},
-            cwd=ROOT,
+            [*command, *args],
+            env={**self.env, **env, **extra, "SOFTVQ_REDIS_URL": self.redis.url},
+            cwd=self.tree or ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -247,6 +265,82 @@ async def _sample(stack: Stack, every: float, samples: list[dict], stop: asyncio
         r.close()
 
 
+# --- what health costs --------------------------------------------------------------------------
+HEALTH_PATHS = ("/readyz", "/metrics")
+
+
+def _ms(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    if not xs:
+        return {"n": 0}
+    pick = lambda q: round(xs[min(len(xs) - 1, int(q * len(xs)))], 1)  # noqa: E731
+    return {"n": len(xs), "p50": pick(0.5), "p95": pick(0.95), "max": round(xs[-1], 1)}
+
+
+async def _probe(stack: Stack, every: float, rows: list[dict], stop: asyncio.Event) -> None:
+    """Time GET /readyz and GET /metrics on the API while the load runs."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        while not stop.is_set():
+            for path in HEALTH_PATHS:
+                t = time.perf_counter()
+                try:
+                    status = (await client.get(stack.url() + path)).status_code
+                except httpx.HTTPError:
+                    status = 0
+                rows.append(
+                    {"path": path, "ms": 1000 * (time.perf_counter() - t), "status": status}
+                )
+            try:
+                await asyncio.wait_for(stop.wait(), every)
+            except asyncio.TimeoutError:
+                pass
+
+
+def command_counts(r: redis.Redis) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in r.info("commandstats").items()}
+
+
+def health_cost(stack: Stack, calls: int) -> dict:
+    """With the keys the load left in Redis: ``calls`` sequential GETs of /readyz and of
+    /metrics, each timed, and the Redis commands per call (counted with INFO commandstats
+    around the calls, less the same span of background traffic -- idle workers' reads and
+    heartbeats -- measured right after without calls)."""
+    r = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
+    out: dict = {"redis_keys": r.dbsize()}
+    try:
+        with httpx.Client(timeout=10) as client:
+            for path in HEALTH_PATHS:
+                client.get(stack.url() + path)  # connection and scripts loaded
+                before = command_counts(r)
+                t0, lat, statuses = time.perf_counter(), [], set()
+                for _ in range(calls):
+                    t = time.perf_counter()
+                    statuses.add(client.get(stack.url() + path).status_code)
+                    lat.append(1000 * (time.perf_counter() - t))
+                span = time.perf_counter() - t0
+                after = command_counts(r)
+                time.sleep(span)
+                idle = command_counts(r)
+                per_call = {}
+                for cmd in set(after) | set(before) | set(idle):
+                    if cmd == "info":
+                        continue
+                    probe = after.get(cmd, 0) - before.get(cmd, 0)
+                    background = idle.get(cmd, 0) - after.get(cmd, 0)
+                    n = max(0.0, (probe - background) / calls)
+                    if n >= 0.05:
+                        per_call[cmd] = round(n, 1)
+                out[path] = {
+                    **_ms(lat),
+                    "statuses": sorted(statuses),
+                    "redis_commands_per_call": dict(sorted(per_call.items())),
+                    "redis_commands_total": round(sum(per_call.values()), 1),
+                }
+    finally:
+        r.close()
+    return out
+
+
 def verdicts(samples: list[dict], names: list[str], warmup: float, load: dict, left: dict) -> dict:
     end = samples[-1]["t"]
     warm = [s for s in samples if s["t"] <= warmup * end]
@@ -328,6 +422,25 @@ def markdown(summary: dict) -> str:
         ),
         "",
     ]
+    health = summary.get("health")
+    if health:
+        quiet = health["after_load"]
+        lines += [
+            f"Health probes (API): under load, and after it with {quiet['redis_keys']} keys "
+            "in Redis (commands counted with INFO commandstats):",
+            "",
+            "| call | under load p50 / p95 (ms) | after load p50 / p95 (ms) | Redis commands "
+            "per call |",
+            "|---|---|---|---|",
+        ]
+        for path in HEALTH_PATHS:
+            u, q = health["under_load"][path], quiet[path]
+            cmds = ", ".join(f"{k} {v}" for k, v in q["redis_commands_per_call"].items())
+            lines.append(
+                f"| `GET {path}` | {u.get('p50')} / {u.get('p95')} (n={u['n']}) "
+                f"| {q['p50']} / {q['p95']} (n={q['n']}) | {q['redis_commands_total']} ({cmds}) |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -337,8 +450,9 @@ def soak(args) -> dict:
     models_dir = Path(tempfile.mkdtemp(prefix="softvq-soak-models-"))
     env = tiny_model_env(models_dir) if args.models == "tiny" else {}
     env["SOFTVQ_MAX_WAIT_MS"] = str(args.max_wait_ms)
-    stack = Stack(env, out)
+    stack = Stack(env, out, tree=args.tree)
     samples: list[dict] = []
+    probes: list[dict] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     try:
         stack.start(workers=args.workers)
@@ -346,6 +460,7 @@ def soak(args) -> dict:
         async def drive():
             stop = asyncio.Event()
             sampler = asyncio.create_task(_sample(stack, args.sample_every, samples, stop))
+            prober = asyncio.create_task(_probe(stack, args.probe_every, probes, stop))
             try:
                 return await run_load(
                     stack.url(),
@@ -356,11 +471,18 @@ def soak(args) -> dict:
             finally:
                 stop.set()
                 await sampler
+                await prober
 
         load = asyncio.run(drive())
         # Every caller got its answer; nothing may stay queued or unread in Redis.
         time.sleep(2)
         left = redis_leftovers(stack.redis_url)
+        health = {
+            "under_load": {
+                path: _ms([p["ms"] for p in probes if p["path"] == path]) for path in HEALTH_PATHS
+            },
+            "after_load": health_cost(stack, args.probe_calls),
+        }
     finally:
         stack.close()
         shutil.rmtree(models_dir, ignore_errors=True)
@@ -372,8 +494,10 @@ def soak(args) -> dict:
         "workers": args.workers,
         "models": args.models,
         "machine": args.machine,
+        "tree": str(args.tree or ROOT),
         "load": load,
         "verdicts": verdicts(samples, names, args.warmup, load, left),
+        "health": health,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "summary.md").write_text(markdown(summary))
@@ -395,6 +519,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--warmup", type=float, default=0.2, help="fraction of the run that is warm-up")
     p.add_argument("--machine", default=f"{os.cpu_count()} CPU cores (shared)")
+    p.add_argument(
+        "--probe-every", type=float, default=2.0, help="seconds between health probes in the load"
+    )
+    p.add_argument(
+        "--probe-calls", type=int, default=50, help="calls of each health probe after the load"
+    )
+    p.add_argument("--tree", type=Path, default=None, help="run the processes of this checkout")
     p.add_argument("--out", default="runs/soak")
     args = p.parse_args(argv)
     summary = soak(args)

@@ -36,6 +36,7 @@ from typing import NoReturn
 from . import metrics
 from .executor import Executor, ModelCrashed, job_cost
 from .jobs import Job, JobError, JobFailed, JobTimeout
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def group_key(job: Job) -> tuple[str, str, str]:
 class Batcher:
     def __init__(
         self,
-        settings,
+        settings: Settings,
         executor: Executor,
         source: JobSource,
         worker_id: str = "embedded",

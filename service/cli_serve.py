@@ -3,6 +3,7 @@
     softvq serve                         # API + embedded worker, bundled demo weights
     softvq serve --redis redis://h:6379  # API only; jobs go to Redis Streams
     softvq worker --redis redis://h:6379 --metrics-port 9100
+    softvq worker --check                # liveness probe of this host's worker: exit 0 / 1
 
 Everything else comes from ``SOFTVQ_*`` environment variables (service/settings.py); the
 flags override them.
@@ -61,9 +62,21 @@ def cmd_serve(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    if args.check:
+        # The worker's event loop rewrites its liveness file every second; stale or missing
+        # means stuck, frozen or not running (service/liveness.py). Redis is not asked.
+        from .liveness import check
+
+        ok, why = check(args.liveness_file or _settings().worker_liveness_file)
+        print(f"softvq worker --check: {why}")
+        return 0 if ok else 1
     from .worker import run_worker
 
-    settings = _settings(redis_url=args.redis, metrics_port=args.metrics_port)
+    settings = _settings(
+        redis_url=args.redis,
+        metrics_port=args.metrics_port,
+        worker_liveness_file=args.liveness_file,
+    )
     if not settings.redis_url:
         raise UsageError("a worker needs --redis URL (or SOFTVQ_REDIS_URL)")
     _check_models(settings)
@@ -93,4 +106,15 @@ def register(sub) -> None:
     )
     p.add_argument("--worker-id", help="consumer name in the group (default: host-pid)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--liveness-file",
+        metavar="PATH",
+        help="file the worker's loop rewrites every second (default SOFTVQ_WORKER_LIVENESS_FILE)",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="liveness probe: exit 0 if the worker writing --liveness-file is live, else 1"
+        " (stuck event loop or batcher, frozen, or not running); does not contact Redis",
+    )
     p.set_defaults(func=cmd_worker)

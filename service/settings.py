@@ -15,6 +15,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .liveness import DEFAULT_FILE as DEFAULT_LIVENESS_FILE
+
 
 class GeneratorSpec(BaseModel):
     path: str
@@ -93,6 +95,22 @@ class Settings(BaseSettings):
         3, ge=1, description="deliveries of a job before its caller gets an error"
     )
     result_ttl_s: float = Field(120.0, gt=0, description="how long an unread result stays in Redis")
+    worker_liveness_file: str = Field(
+        DEFAULT_LIVENESS_FILE,
+        description=(
+            "file a worker's event loop rewrites every second; `softvq worker --check` (the"
+            " liveness probe) fails when it is stale. One per worker: set it per process when"
+            " several workers share a filesystem"
+        ),
+    )
+    worker_stuck_after_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "a worker whose event loop, or whose batcher outside a model call, has not turned"
+            " for this long fails `softvq worker --check`"
+        ),
+    )
 
     # --- hung model calls ---------------------------------------------------------------
     hang_grace_s: float = Field(

@@ -239,6 +239,12 @@ def all_exprs() -> list[tuple[str, str]]:
     return dashboard_exprs() + alert_exprs()
 
 
+def worker_liveness_probe() -> list[str]:
+    """The worker's liveness check as the deploy files run it: ``softvq worker --check``
+    without the CLI's torch import (service/liveness.py). The same in compose and k8s."""
+    return ["python3", "-m", "service.liveness"]
+
+
 # --- static checks ---------------------------------------------------------------------------
 def test_every_deploy_file_parses():
     assert set(compose()["services"]) == {"redis", "api", "worker", "prometheus", "grafana"}
@@ -511,8 +517,8 @@ def test_compose_worker_reserves_a_gpu_and_scales():
     assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
     # --scale worker=N: no fixed container name, no published host port
     assert "container_name" not in worker and "ports" not in worker
-    metrics_port = parse_command(worker["command"]).metrics_port
-    assert str(metrics_port) in " ".join(worker["healthcheck"]["test"])
+    # the worker's health check is its liveness probe (not /metrics: see worker_liveness_probe)
+    assert worker["healthcheck"]["test"] == ["CMD", *worker_liveness_probe()]
     # API: the published port is the one it serves, its health check the image's
     api = parse_command(svc["api"]["command"])
     assert any(p.endswith(f":{api.port}") for p in svc["api"]["ports"])
@@ -762,8 +768,10 @@ def test_k8s_api_and_worker_deployments():
     metrics_port = int(k8s_find("ConfigMap", "softvq-config")["data"]["SOFTVQ_METRICS_PORT"])
     assert parse_command(w["args"]).metrics_port in (None, metrics_port)
     assert {p["containerPort"] for p in w["ports"]} == {metrics_port}
-    for probe in ("startupProbe", "livenessProbe"):
-        assert w[probe]["httpGet"]["path"] == "/metrics"
+    assert w["startupProbe"]["httpGet"]["path"] == "/metrics"
+    # liveness: the check of the file the worker's event loop rewrites (not /metrics, which
+    # prometheus-client serves from its own thread while the loop may be stuck)
+    assert w["livenessProbe"]["exec"]["command"] == worker_liveness_probe()
     assert "replicas" not in worker["spec"], "KEDA owns the worker replica count"
     # Prometheus annotations point at the ports that serve /metrics
     for d, p in ((api, port), (worker, metrics_port)):
@@ -1030,11 +1038,12 @@ def test_image_cmd_serves_healthcheck_and_every_queried_metric(tiny_env):
 
 
 @pytest.fixture(scope="module")
-def compose_topology(tiny_env):
+def compose_topology(tiny_env, tmp_path_factory):
     """The compose stack in miniature: redis-server, `softvq serve --redis` and `softvq worker
     --redis --metrics-port` (their compose commands, ports changed), after one request of each
-    kind. Yields {"api": url, "worker": url, "redis": url}."""
+    kind. Yields {"api": url, "worker": url, "redis": url, "liveness_file": the worker's}."""
     svc = compose()["services"]
+    liveness_file = str(tmp_path_factory.mktemp("worker") / "softvq-worker.alive")
     with RedisServer() as server:
         api_port, metrics_port = free_port(), free_port()
         api_argv = list(svc["api"]["command"])
@@ -1044,16 +1053,21 @@ def compose_topology(tiny_env):
         worker_argv = list(svc["worker"]["command"])
         worker_argv[worker_argv.index("--redis") + 1] = server.url
         worker_argv[worker_argv.index("--metrics-port") + 1] = str(metrics_port)
-        env = {**tiny_env, "SOFTVQ_REDIS_URL": server.url}
+        env = {
+            **tiny_env,
+            "SOFTVQ_REDIS_URL": server.url,
+            "SOFTVQ_WORKER_LIVENESS_FILE": liveness_file,  # compose's default is /tmp/...
+        }
         worker = start(worker_argv, env)
         api = start(api_argv, env)
         urls = {
             "api": f"http://127.0.0.1:{api_port}",
             "worker": f"http://127.0.0.1:{metrics_port}",
             "redis": server.url,
+            "liveness_file": liveness_file,
         }
         try:
-            wait_for(f"{urls['worker']}/metrics", worker)  # what compose's healthcheck asks
+            wait_for(f"{urls['worker']}/metrics", worker)  # what k8s' startup probe asks
             wait_for(f"{urls['api']}/healthz", api)
             wait_for(f"{urls['api']}/readyz", api)
             one_request_of_each_kind(urls["api"])
@@ -1086,6 +1100,35 @@ def test_compose_topology_api_and_worker_over_redis_export_every_queried_metric(
         assert "lag" in groups[keys.group], (m, task)
         assert groups[keys.group]["lag"] == 0  # every job was delivered
     r.close()
+
+
+@pytest.mark.redis
+def test_worker_liveness_probe_of_compose_and_k8s_passes_for_the_running_worker(
+    compose_topology, tmp_path
+):
+    """The health check compose runs in the worker container and the exec liveness probe of
+    the k8s Deployment, run as they are run (same argv, the worker's environment): exit 0
+    while the compose-started worker runs; exit 1 where no worker ever ran. `softvq worker
+    --check` (the documented form) agrees."""
+    hc = compose()["services"]["worker"]["healthcheck"]["test"]
+    assert hc[0] == "CMD"
+    (w,) = k8s_find("Deployment", "softvq-worker")["spec"]["template"]["spec"]["containers"]
+    probes = [hc[1:], w["livenessProbe"]["exec"]["command"]]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTVQ_")}
+    live = {**env, "SOFTVQ_WORKER_LIVENESS_FILE": compose_topology["liveness_file"]}
+    nobody = {**env, "SOFTVQ_WORKER_LIVENESS_FILE": str(tmp_path / "never-written")}
+    for argv in probes:
+        argv = [sys.executable if a == "python3" else a for a in argv]
+        done = subprocess.run(argv, env=live, cwd=tmp_path, capture_output=True, timeout=30)
+        assert done.returncode == 0, done
+        t0 = time.monotonic()
+        done = subprocess.run(argv, env=nobody, cwd=tmp_path, capture_output=True, timeout=30)
+        assert done.returncode == 1 and b"no liveness file" in done.stderr, done
+        assert time.monotonic() - t0 < 5  # cheap: no torch import in the probe
+    exe = shutil.which("softvq")
+    cli = [exe] if exe else [sys.executable, "-m", "service.cli"]
+    done = subprocess.run([*cli, "worker", "--check"], env=live, capture_output=True, timeout=60)
+    assert done.returncode == 0 and b"alive" in done.stdout, done
 
 
 # Queries allowed to return nothing after a healthy run: errors, retries, GPU memory on CPU.

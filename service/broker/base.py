@@ -10,9 +10,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from ..jobs import Job
+from ..settings import Settings
 
 
 class Broker(ABC):
+    settings: Settings
+
     # Called once with the reason when this broker can never run another job (a hung model
     # call); the service decides what to do with the process (service/app.py).
     on_fatal: Callable[[str], None] | None = None

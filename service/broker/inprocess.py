@@ -19,13 +19,17 @@ from .. import metrics
 from ..batcher import Batcher, HungModelCall, JobSource, Outcome
 from ..executor import Executor
 from ..jobs import BrokerUnavailable, Job, JobError, JobTimeout, ModelHung, QueueFull
+from ..registry import ModelRegistry
+from ..settings import Settings
 from .base import Broker
 
 log = logging.getLogger(__name__)
 
 
 class InProcessBroker(Broker, JobSource):
-    def __init__(self, settings, registry, executor: Executor | None = None):
+    def __init__(
+        self, settings: Settings, registry: ModelRegistry, executor: Executor | None = None
+    ):
         self.settings = settings
         self.registry = registry
         self.executor = executor or Executor(registry)

@@ -7,13 +7,23 @@ Layout in Redis (``p`` = settings.stream_prefix; deploy/ and KEDA read the first
     {p}:reply:{api_id}        list, one per API process: answers pushed by workers (TTL)
     {p}:done:{job_id}         "already answered" marker (TTL): the first answer wins
     {p}:cancel:{job_id}       the caller went away (TTL): workers drop the job unrun
-    {p}:worker:{worker_id}    worker heartbeat (TTL)
+    {p}:workers               sorted set of live workers: member worker id, score the Redis
+                              time its heartbeat expires; expired members are pruned by the
+                              readers, so /readyz, /metrics and /workers cost O(workers)
+    {p}:worker:{worker_id}    what that worker serves, JSON (TTL = the heartbeat's)
 
 Flow: ``submit`` XADDs the job through a script that refuses it when the stream already holds
 ``queue_max`` entries (QueueFull), then awaits a future. One listener task per API process
 BLPOPs its reply list and resolves futures by job id, so waiting costs no connection per
-request. Workers (service/worker.py) answer through ``ANSWER``, which pushes only if the job
-has no answer yet: a job run twice (its worker was presumed dead) is answered once.
+request. Workers (service/broker/redis_source.py) answer through ``ANSWER``, which pushes
+only if the job has no answer yet: a job run twice (its worker was presumed dead) is answered
+once.
+
+Liveness: every second a worker runs ``BEAT`` (its info key, and its member in the workers
+set scored with Redis' own clock plus the TTL, so host clocks never matter); ``ready()`` and
+``workers()`` run ``LIVE``, which drops expired members and returns the rest: one round trip
+(plus one MGET of the info keys for ``workers()``), however many other keys Redis holds. A
+worker that stops beating (killed, frozen, its loop stuck) leaves both within its TTL.
 
 Redis down: every call fails within ``socket_connect_timeout`` and becomes
 BrokerUnavailable; waiters in flight fail at once (their jobs died with Redis); the listener
@@ -28,6 +38,7 @@ import logging
 import math
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,7 +48,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .. import metrics
 from ..jobs import BrokerUnavailable, Job, JobError, JobTimeout, QueueFull
 from ..serialization import dump_job, load_outcome
+from ..settings import Settings
 from .base import Broker
+
+if TYPE_CHECKING:
+    from ..registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +70,27 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then
   return 1
 end
 return 0
+"""
+
+# A worker's heartbeat. KEYS: workers set, the worker's info key; ARGV: worker id, info JSON,
+# ttl seconds. Scored by expiry in Redis time (TIME), so readers need neither the TTL nor
+# synchronised clocks. The set itself expires when no worker beats any more.
+BEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local ttl = tonumber(ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ttl)
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('TTL', KEYS[1]) < ttl then redis.call('EXPIRE', KEYS[1], ttl) end
+return 1
+"""
+
+# The live workers' ids, expired members pruned first. KEYS: workers set.
+LIVE = """
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(t[1]) + tonumber(t[2]) / 1e6)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -77,12 +113,12 @@ class Keys:
     def cancel(self, job_id: str) -> str:
         return f"{self.prefix}:cancel:{job_id}"
 
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
-
-    @property
-    def worker_pattern(self) -> str:
-        return f"{self.prefix}:worker:*"
 
 
 def connect(url: str) -> aioredis.Redis:
@@ -97,12 +133,36 @@ def connect(url: str) -> aioredis.Redis:
     )
 
 
-def ttl_seconds(settings) -> int:
+def ttl_seconds(settings: Settings) -> int:
     return max(1, math.ceil(settings.result_ttl_s))
 
 
+async def beat(redis: aioredis.Redis, keys: Keys, worker_id: str, info: dict, ttl: int) -> None:
+    """Tell the API this worker is alive for ``ttl`` more seconds, serving ``info``."""
+    await redis.eval(
+        BEAT, 2, keys.workers, keys.worker(worker_id), worker_id, json.dumps(info), ttl
+    )
+
+
+async def leave(redis: aioredis.Redis, keys: Keys, worker_id: str) -> None:
+    """A stopping worker's heartbeat goes at once, not after its TTL."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.zrem(keys.workers, worker_id)
+        pipe.delete(keys.worker(worker_id))
+        await pipe.execute()
+
+
+async def live_workers(redis: aioredis.Redis, keys: Keys) -> list[str]:
+    """Ids of the workers whose heartbeat has not expired (expired ones are pruned)."""
+    return sorted(_s(m) for m in await redis.eval(LIVE, 1, keys.workers))
+
+
+def _s(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
 class RedisBroker(Broker):
-    def __init__(self, settings, registry=None):
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None):
         if not settings.redis_url:
             raise ValueError("RedisBroker needs settings.redis_url")
         self.settings = settings
@@ -248,10 +308,7 @@ class RedisBroker(Broker):
         if self.redis is None:
             return False, "not started"
         try:
-            await self.redis.ping()
-            alive = [
-                k async for k in self.redis.scan_iter(match=self.keys.worker_pattern, count=100)
-            ]
+            alive = await live_workers(self.redis, self.keys)  # also proves Redis answers
         except RedisError as e:
             metrics.WORKERS_ALIVE.set(0)
             return False, f"Redis unreachable: {e}"
@@ -265,22 +322,19 @@ class RedisBroker(Broker):
         if self.redis is None:
             return []
         try:
-            keys = [
-                k async for k in self.redis.scan_iter(match=self.keys.worker_pattern, count=100)
-            ]
-            values = await self.redis.mget(keys) if keys else []
+            ids = await live_workers(self.redis, self.keys)
+            values = await self.redis.mget([self.keys.worker(i) for i in ids]) if ids else []
         except RedisError as e:
             raise BrokerUnavailable(f"Redis unreachable: {e}") from None
         out = []
-        for key, raw in zip(keys, values, strict=True):
+        for worker_id, raw in zip(ids, values, strict=True):
             try:
-                beat = json.loads(raw) if raw else None
+                info = json.loads(raw) if raw else None
             except ValueError:
-                beat = None
-            if isinstance(beat, dict):  # expired between SCAN and MGET, or not ours: skip
-                name = key.decode() if isinstance(key, bytes) else str(key)
-                out.append({"id": name.rsplit(":", 1)[1], **beat})
-        return sorted(out, key=lambda w: w["id"])
+                info = None
+            if isinstance(info, dict):  # expired between the two calls, or not ours: skip
+                out.append({"id": worker_id, **info})
+        return out
 
     async def queue_depth(self, model: str, task: str) -> int:
         if self.redis is None:
