@@ -553,8 +553,7 @@ async def _refresh_gauges(svc: Service) -> None:
     broker, reg = svc.broker, svc.registry
     if broker is None or reg is None or not svc.started:
         return
-    pairs = [(name, t) for name in reg.tokenizers for t in ("tokenize", "decode", "reconstruct")]
-    pairs += [(name, "generate") for name in reg.generators]
+    pairs = reg.streams()  # every (model, task), from the task table
     try:
         # Redis: ready() counts fresh worker heartbeats into WORKERS_ALIVE. Embedded: the
         # one in-process worker is alive when the broker is ready.

@@ -4,8 +4,11 @@ A ``Batcher`` pulls jobs from a ``JobSource`` (an in-process queue, or Redis str
 a worker), groups them by (model, task, params), and runs one group at a time on the
 executor's thread:
 
-- a group runs once it holds ``max_batch_size`` items (a guided generate item counts twice:
-  its null branch doubles the forward) or its oldest job has waited ``max_wait_ms``;
+- a group runs once it holds its ``max_batch_size`` items (a guided generate item counts
+  twice: its null branch doubles the forward) or its oldest job has waited its
+  ``max_wait_ms``: each (model, task) has its own policy (``SOFTVQ_BATCH_POLICY``, the global
+  settings by default), read from the task table (service/tasks.py), like a job's cost and
+  the key that groups it;
 - jobs of different params (e.g. step counts) never share a batch, so one sampling loop never
   runs two schedules; cfg_scale is a payload value and may differ inside a batch;
 - an expired job is answered JobTimeout and a cancelled one dropped, before the model sees it;
@@ -23,7 +26,6 @@ entry and a reply list in Redis.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sys
@@ -34,9 +36,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 from . import metrics
-from .executor import Executor, ModelCrashed, job_cost
+from .executor import Executor, ModelCrashed
 from .jobs import Job, JobError, JobFailed, JobTimeout
 from .settings import Settings
+from .tasks import TASKS, BatchPolicy, group_key, job_cost, resolve_policy
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +94,6 @@ class HungModelCall(RuntimeError):
         self.jobs = jobs
 
 
-def group_key(job: Job) -> tuple[str, str, str]:
-    """Jobs batch together only when model, task and params are equal."""
-    return job.model, job.task, json.dumps(job.params, sort_keys=True)
-
-
 class Batcher:
     def __init__(
         self,
@@ -110,8 +108,7 @@ class Batcher:
         self.executor = executor
         self.source = source
         self.worker_id = worker_id
-        self.max_batch = settings.max_batch_size
-        self.max_wait = settings.max_wait_ms / 1000.0
+        self._policies: dict[tuple[str, str], BatchPolicy] = {}  # (model, task) -> policy
         self.max_attempts = settings.max_attempts
         self.hang_grace = settings.hang_grace_s
         self.hung: HungModelCall | None = None
@@ -207,17 +204,32 @@ class Batcher:
         expired, self._expired = self._expired, []
         await self.run_batch(expired)  # every job in it is past its deadline: none runs
 
+    def policy(self, job: Job) -> BatchPolicy:
+        """The batching policy of the job's (model, task) group, from its task."""
+        key = (job.model, job.task)
+        pol = self._policies.get(key)
+        if pol is None:
+            task = TASKS.get(job.task)
+            pol = (
+                task.policy(self.settings, job.model)
+                if task is not None
+                else resolve_policy(self.settings, job.model, job.task)  # answered InvalidJob
+            )
+            self._policies[key] = pol
+        return pol
+
     def _next_due(self) -> tuple[tuple | None, float | None]:
         """(group to run now, None) or (None, seconds until the first group is due)."""
         now = time.monotonic()
         due, first_wait = [], None
         for key, q in self.pending.items():
-            oldest = q[0][0]
+            oldest, job = q[0]
+            pol = self.policy(job)
             cost = sum(job_cost(j) for _, j in q)
-            if cost >= self.max_batch or now - oldest >= self.max_wait or self._stopping:
+            if cost >= pol.max_batch_size or now - oldest >= pol.max_wait_s or self._stopping:
                 due.append((oldest, key))
             else:
-                w = oldest + self.max_wait - now
+                w = oldest + pol.max_wait_s - now
                 first_wait = w if first_wait is None else min(first_wait, w)
         if due:
             return min(due)[1], None
@@ -225,8 +237,9 @@ class Batcher:
 
     def _take(self, key: tuple) -> list[Job]:
         q = self.pending[key]
+        limit = self.policy(q[0][1]).max_batch_size
         batch, cost = [], 0
-        while q and (not batch or cost + job_cost(q[0][1]) <= self.max_batch):
+        while q and (not batch or cost + job_cost(q[0][1]) <= limit):
             _, job = q.popleft()
             batch.append(job)
             cost += job_cost(job)

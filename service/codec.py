@@ -1,5 +1,9 @@
 """Bytes <-> arrays at the API boundary: images in, tokens in and out, PNGs out.
 
+Images leave here as uint8 pixels (n, 3, S, S), not floats: they travel to the model (an
+in-process queue, or a Redis stream) at a byte per value; service/tasks.py maps them to
+[-1, 1] where the model runs.
+
 Everything here refuses bad input with an ``ApiError`` (4xx) before any model work:
 
 - images: base64 (standard or URL-safe, optional ``data:`` prefix) or raw upload bytes, at
@@ -23,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from model.images import make_grid, pil_to_tensor, png_bytes
+from model.images import make_grid, png_bytes, resize_center_crop, to_rgb
 
 from .errors import ApiError
 
@@ -54,7 +58,9 @@ def b64decode(text: str, what: str, max_bytes: int) -> bytes:
 
 
 def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int, what: str = "image"):
-    """Encoded PNG / JPEG / WebP bytes -> (3, size, size) float32 in [-1, 1] (numpy)."""
+    """Encoded PNG / JPEG / WebP bytes -> (3, size, size) uint8 pixels (numpy): RGB, resized
+    and centre-cropped as model.images.pil_to_tensor does; the executor maps them to [-1, 1]
+    (service/tasks.py), so a job carries a quarter of float32's bytes."""
     if len(data) > max_bytes:
         raise ApiError(413, "image_too_large", f"{what}: {len(data)} bytes, limit {max_bytes}")
     if not data:
@@ -70,7 +76,7 @@ def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int, what: 
             if w < 1 or h < 1:
                 raise ApiError(400, "invalid_image", f"{what}: {w}x{h} pixels")
             img.load()  # raises on truncated or corrupt data
-            return pil_to_tensor(img, size).numpy()
+            return pixels(img, size)
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -88,16 +94,22 @@ def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int, what: 
         ) from None
 
 
+def pixels(img: Image.Image, size: int) -> np.ndarray:
+    """PIL image -> (3, size, size) uint8, C-contiguous."""
+    arr = np.asarray(resize_center_crop(to_rgb(img), size), dtype=np.uint8)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
 def decode_images(
     blobs: Sequence[bytes | str], size: int, max_bytes: int, max_pixels: int
 ) -> np.ndarray:
-    """Encoded images (raw bytes, or base64 text) -> (n, 3, size, size) float32 in [-1, 1]."""
+    """Encoded images (raw bytes, or base64 text) -> (n, 3, size, size) uint8 pixels."""
     arrays = []
     for i, blob in enumerate(blobs):
         what = f"images[{i}]"
         data = b64decode(blob, what, max_bytes) if isinstance(blob, str) else blob
         arrays.append(decode_image(data, size, max_bytes, max_pixels, what=what))
-    return np.stack(arrays).astype(np.float32, copy=False)
+    return np.stack(arrays)
 
 
 # --- tokens in ------------------------------------------------------------------------------

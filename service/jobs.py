@@ -1,8 +1,9 @@
 """What travels between the API and the workers: jobs, results and the errors a caller sees.
 
 A job is one request's work for one model and task. Its payload holds numpy arrays (images
-as (n, 3, S, S) float32 in [-1, 1], tokens as (n, L, D) float32) and plain values, so it
-serialises for Redis as well as staying in process.
+as (n, 3, S, S) uint8 pixels, tokens as (n, L, D) float32) and plain values, so it
+serialises for Redis as well as staying in process. What each task expects of it:
+service/tasks.py.
 """
 
 from __future__ import annotations
@@ -12,13 +13,21 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("tokenize", "decode", "reconstruct", "generate")
+
+def __getattr__(name: str):
+    # ``TASKS`` (the task names) lives in service/tasks.py, the one table of tasks; still
+    # importable from here (``from service.jobs import TASKS``).
+    if name == "TASKS":
+        from .tasks import TASKS
+
+        return TASKS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
 class Job:
     model: str  # tokenizer name, or generator name for "generate"
-    task: str  # one of TASKS
+    task: str  # a key of service.tasks.TASKS
     payload: dict[str, Any]  # task inputs
     params: dict[str, Any] = field(default_factory=dict)  # jobs batch together only if equal
     deadline: float = 0.0  # epoch seconds; past it the job is dropped and its caller gets 504

@@ -247,9 +247,11 @@ class ModelRegistry:
         return {"backend": backend, "device": str(self.device), "dtype": _dtype_name(self.dtype)}
 
     def streams(self) -> list[tuple[str, str]]:
-        """Every (model, task) this registry can run."""
-        out = [(t, task) for t in self.tokenizers for task in ("tokenize", "reconstruct", "decode")]
-        return out + [(g, "generate") for g in self.generators]
+        """Every (model, task) this registry can run: each task of the table
+        (service/tasks.py) on every model of its family."""
+        from .tasks import TASKS
+
+        return [(model, task.name) for task in TASKS.values() for model in task.models(self)]
 
     # --- warm-up ----------------------------------------------------------------------
     def warmup(self) -> None:

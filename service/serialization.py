@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 
 from .jobs import (
-    TASKS,
     BrokerUnavailable,
     InvalidJob,
     Job,
@@ -31,6 +30,7 @@ from .jobs import (
     JobTimeout,
     QueueFull,
 )
+from .tasks import TASKS
 
 MAGIC = b"SVQ1"
 DTYPES = ("float32", "float16", "float64", "int64", "int32", "uint8", "bool")

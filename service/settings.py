@@ -12,7 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .liveness import DEFAULT_FILE as DEFAULT_LIVENESS_FILE
@@ -21,6 +21,15 @@ from .liveness import DEFAULT_FILE as DEFAULT_LIVENESS_FILE
 class GeneratorSpec(BaseModel):
     path: str
     tokenizer: str
+
+
+class BatchPolicyOverride(BaseModel):
+    """One entry of ``batch_policy``: the fields it sets; the others come from the next
+    broader level (model/task -> task -> the global max_batch_size / max_wait_ms)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_batch_size: int | None = Field(None, ge=1)
+    max_wait_ms: float | None = Field(None, ge=0)
 
 
 class Settings(BaseSettings):
@@ -72,6 +81,15 @@ class Settings(BaseSettings):
         16, ge=1, description="most items run in one model call (guidance counts double)"
     )
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits to fill")
+    batch_policy: dict[str, BatchPolicyOverride] = Field(
+        default_factory=dict,
+        description=(
+            "per-task batching, keyed 'task' or 'model/task' (tasks: tokenize, decode,"
+            " reconstruct, generate), each {max_batch_size?, max_wait_ms?}; a field left out"
+            " comes from the broader key, then from max_batch_size / max_wait_ms. E.g."
+            ' {"generate": {"max_wait_ms": 20}, "sit-demo-64/generate": {"max_batch_size": 8}}'
+        ),
+    )
     batch_buckets: list[int] = Field(
         default_factory=lambda: [1, 2, 4, 8, 16],
         description="batch sizes compiled graphs are built for",
@@ -144,6 +162,20 @@ class Settings(BaseSettings):
     rate_limit_per_s: float = Field(0.0, ge=0, description="per-key request rate (0 = unlimited)")
     rate_limit_burst: int = Field(20, ge=1, description="per-key burst")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins")
+
+    @field_validator("batch_policy")
+    @classmethod
+    def _known_tasks(cls, policy: dict[str, BatchPolicyOverride]):
+        from .tasks import TASKS  # the task table (imports torch): only when a policy is set
+
+        for key in policy:
+            model, slash, task = key.rpartition("/")
+            if task not in TASKS or (slash and not model):
+                raise ValueError(
+                    f"batch_policy key {key!r}: expected 'task' or 'model/task' with task one"
+                    f" of {list(TASKS)}"
+                )
+        return policy
 
     def resolve(self, path: str) -> Path:
         p = Path(path)
