@@ -146,7 +146,7 @@ def test_readme_first_command_serves_on_a_fresh_machine(tmp_path):
             use_like_a_newcomer(base)  # whatever was swapped in answers too
             text = log.read_text()
             assert "Traceback" not in text and "refused" not in text, text[-3000:]
-        assert proc.returncode == 0
+        assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM
     decisions = json.loads((tmp_path / "home/.cache/softvq/auto_backend.json").read_text())
     assert len(decisions) == 4 and all(not d["refused"] for d in decisions.values())
     # Warm start: decisions come from the cache, nothing is timed again.
@@ -180,7 +180,7 @@ def test_readme_redis_mode_serves_on_a_fresh_machine(tmp_path):
             workers = httpx.get(f"{base}/workers").json()
             assert len(workers["workers"]) == 1, workers
             print(f"redis mode: ready after {took:.1f}s")
-        assert worker.returncode == 0 and api.returncode == 0
+        assert worker.returncode == 0 and api.returncode in (0, -signal.SIGTERM)
     finally:
         server.close()
 
