@@ -1,7 +1,8 @@
 """Optional bearer API keys and a per-caller token-bucket rate limit.
 
 - ``settings.api_keys`` empty: no authentication. Otherwise every request except the probes,
-  ``/metrics`` and the docs needs ``Authorization: Bearer <key>`` (401 without a valid one).
+  ``/metrics``, the docs and the playground (``/``, ``/playground/*``) needs
+  ``Authorization: Bearer <key>`` (401 without a valid one).
 - ``settings.rate_limit_per_s`` > 0: each caller (its API key, or its client address when keys
   are off) gets a bucket of ``rate_limit_burst`` requests refilled at that rate; an empty
   bucket answers 429 with ``Retry-After``.
@@ -23,8 +24,18 @@ from .errors import error_response
 from .settings import Settings
 
 OPEN_PATHS = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/openapi.json",
+        "/redoc",
+        "/",  # the playground page: it asks for the key, so it must load without one
+    }
 )
+OPEN_PREFIXES = ("/playground/",)  # the playground's static files (service/playground.py)
 
 
 class MemoryBuckets:
@@ -130,7 +141,13 @@ class AuthMiddleware:
         return sum(hmac.compare_digest(given, k) for k in self.keys) > 0
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or path in OPEN_PATHS
+            or path.startswith(OPEN_PREFIXES)
+            or scope["method"] == "OPTIONS"
+        ):
             return await self.app(scope, receive, send)
         token = bearer_token(scope.get("headers", []))
         if self.keys and not self._key_ok(token):
