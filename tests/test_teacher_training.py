@@ -5,6 +5,8 @@ heads are not released, and runs with them on resume bit-exactly."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -240,3 +242,23 @@ def test_cli_train_teacher_and_flags(tmp_path, capsys):
     gen_argv += ["--hidden", "32", "--depth", "2", "--heads", "2", "--train-size", "20"]
     assert main(gen_argv + common + ["--teacher", str(t), "--repa-weight", "0.5"]) == 0
     model.load_generator(tmp_path / "gen")
+
+
+def test_train_demo_trains_the_teacher_first_when_the_recipe_uses_it(tmp_path, monkeypatch):
+    from model.training import recipe
+
+    monkeypatch.setattr(recipe, "TOKENIZERS", {"softvq-demo-64": (8, 8, 4)})
+    monkeypatch.setattr(recipe, "TEACHER", {"arch": "cnn", "width": 8})
+    monkeypatch.setattr(recipe, "TOKENIZER_VIT", dict(TINY_VIT))
+    monkeypatch.setattr(recipe, "GENERATOR", {"hidden_size": 32, "depth": 2, "num_heads": 2})
+    monkeypatch.setattr(recipe, "TOKENIZER_PERCEPTUAL_WEIGHT", 1.0)
+    monkeypatch.setattr(recipe, "TOKENIZER_ALIGN_WEIGHT", 0.1)
+    monkeypatch.setattr(recipe, "GENERATOR_REPA_WEIGHT", 0.5)
+    finished = recipe.train_demo(tmp_path, scale=0.001, quiet=True, parallel=False)
+    assert set(finished) == {"judge-classifier", "softvq-demo-64", "sit-demo-64"}
+    assert (tmp_path / "teacher" / "model.safetensors").is_file()  # trained, not bundled
+    used = json.loads((tmp_path / "softvq-demo-64" / "training.json").read_text())
+    assert used["trained_with"]["teacher"] == str(tmp_path / "teacher")
+    gen_meta = json.loads((tmp_path / "sit-demo-64" / "training.json").read_text())
+    assert gen_meta["trained_with"]["repa_weight"] == 0.5
+    model.load_generator(tmp_path / "sit-demo-64")
