@@ -19,11 +19,13 @@ Payloads and results (numpy arrays; the API builds payloads, the executor consum
 
 from __future__ import annotations
 
+from ..registry import ModelRegistry
+from ..settings import Settings
 from .base import Broker
 from .inprocess import InProcessBroker
 
 
-def make_broker(settings, registry) -> Broker:
+def make_broker(settings: Settings, registry: ModelRegistry) -> Broker:
     """InProcessBroker when ``settings.redis_url`` is unset (model in this process), else
     RedisBroker (this process only queues jobs; ``softvq worker`` processes run them)."""
     if settings.redis_url:
