@@ -286,6 +286,15 @@ def test_default_backend_is_auto_and_resolves_by_measurement(
     info = reg.info()
     chosen = [m["backend"] for m in info["tokenizers"] + info["generators"]]
     assert chosen and set(chosen) <= {"eager", "compile", "onnx"}
+    # softvq_model_info carries the backend that serves now, and only that one.
+    from prometheus_client import REGISTRY
+
+    for m in info["tokenizers"]:
+        labels = {"model": m["name"], "kind": "tokenizer", "tokens": "8", "dim": "8"}
+        labels.update(device="cpu", dtype="float32")
+        assert REGISTRY.get_sample_value("softvq_model_info", {**labels, "backend": m["backend"]})
+        if m["backend"] != "eager":
+            assert not REGISTRY.get_sample_value("softvq_model_info", {**labels, "backend": "eager"})
     decisions = json.loads((tmp_path / "auto_backend.json").read_text())
     assert len(decisions) == len(chosen)
     for d in decisions.values():
