@@ -438,6 +438,11 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
             }
         )
 
+    # The browser playground (issue #17): the page at / and its files under /playground/.
+    from .playground import mount_playground
+
+    mount_playground(app)
+
     # Outermost last: metrics see everything (413, 401 included); CORS headers go on errors
     # too; auth and the body limit refuse before the body is parsed.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
