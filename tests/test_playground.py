@@ -510,6 +510,7 @@ def test_demo_screenshots(chrome, tmp_path_factory):
         page.screenshot(out / "reconstruct.png")
 
         page.open(size=PHONE)
+        page.choose("#gen-model", "sit-demo-64")
         page.tick_classes([0, 3, 6, 9])
         page.set("#gen-count", 2)
         page.el("#gen-run").click()
