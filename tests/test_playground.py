@@ -424,6 +424,25 @@ def test_cancel_stops_waiting_and_says_so(page, server):
 
 
 @needs_chromium
+def test_a_504_is_shown_in_the_page(chrome, server, api_env, tmp_path_factory):
+    steps = steps_for(server, 3.0, hi=MAX_STEPS)  # about 3 s of work, on this machine now
+    env = tiny_env(api_env, SOFTVQ_REQUEST_TIMEOUT_S="1")
+    with serve_process(env, tmp_path_factory.mktemp("serve-504")) as (base, _):
+        page = Page(chrome, base).open()
+        page.tick_classes([0])
+        page.set("#gen-steps", steps)
+        page.el("#gen-run").click()
+        error = page.wait(
+            "!document.getElementById('gen-error').hidden"
+            " && document.getElementById('gen-error').textContent",
+            30,
+        )
+        assert error.startswith("The request ran out of time (504 timeout)"), error
+        assert error.endswith("Try fewer images or fewer steps.")
+        assert page.script_errors() == []
+
+
+@needs_chromium
 def test_api_key_is_asked_for_and_sent(chrome, api_env, tmp_path_factory):
     env = tiny_env(
         api_env,
@@ -497,6 +516,12 @@ def test_demo_screenshots(chrome, tmp_path_factory):
         names = [o.text for o in page.els("#gen-model option")]
         assert names == ["sit-demo-32", "sit-demo-64"]
         page.choose("#gen-model", "sit-demo-64")
+        # classes by name when /models lists them (class_names), by id until then
+        (gen,) = [
+            g for g in httpx.get(f"{base}/models").json()["generators"] if g["name"] == names[1]
+        ]
+        labels = [x.text for x in page.els("#gen-classes label")]
+        assert labels == gen.get("class_names", [f"class {i}" for i in range(10)])
         page.el("#gen-curl-box summary").click()
         page.el("#gen-run").click()
         page.wait("document.querySelectorAll('#gen-grid img').length === 10", 180)
