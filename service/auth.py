@@ -145,7 +145,7 @@ class AuthMiddleware:
         if (
             scope["type"] != "http"
             or path in OPEN_PATHS
-            or path.startswith(OPEN_PREFIXES)
+            or (path.startswith(OPEN_PREFIXES) and ".." not in path)  # no way out of them
             or scope["method"] == "OPTIONS"
         ):
             return await self.app(scope, receive, send)

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import struct
 import time
 from pathlib import Path
@@ -191,6 +192,15 @@ def png_file(path: Path, w: int = 48, h: int = 40, seed: int = 3) -> Path:
     img += rng.normal(0, 8, img.shape)
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path)
     return path
+
+
+def raw_get_status(base: str, path: str) -> int:
+    """GET ``path`` exactly as written (httpx would resolve the dots)."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        status_line = s.makefile("rb").readline().decode()
+    return int(status_line.split()[1])
 
 
 def canvas_size(page: Page, css: str) -> tuple[int, int]:
@@ -455,6 +465,13 @@ def test_api_key_is_asked_for_and_sent(chrome, api_env, tmp_path_factory):
         assert httpx.get(f"{base}/").status_code == 200
         assert httpx.get(f"{base}/playground/app.js").status_code == 200
         assert httpx.get(f"{base}/models").status_code == 401
+        # the open prefix leads nowhere else, even with a path a client would not normalise
+        for raw in (
+            "/playground/../models",
+            "/playground/%2e%2e/models",
+            "/playground/..%2fapp.py",
+        ):
+            assert raw_get_status(base, raw) in (401, 404), raw
 
         page = Page(chrome, base).open()
         assert page.el("#key-panel").is_displayed()
