@@ -1,9 +1,17 @@
-# syntax=docker/dockerfile:1.7
-#
 # softvq-serve image: one Dockerfile, two variants chosen by a build argument.
 #
 #   GPU (default): docker build -t softvq-serve:gpu .
 #   CPU:           docker build --build-arg VARIANT=cpu -t softvq-serve:cpu .
+#
+# Needs BuildKit (the default builder since Docker 23; DOCKER_BUILDKIT=1 before) for the
+# RUN --mount=type=secret lines. No `# syntax=` line on purpose: BuildKit's built-in
+# Dockerfile frontend is enough, and a syntax image would be one more pull from Docker Hub.
+#
+# pip settings for the build (a mirror, find-links, constraints, the CA of a TLS-inspecting
+# proxy) go in as build secrets and never into a layer:
+#   docker build --secret id=pip.conf,src=$HOME/.config/pip/pip.conf \
+#                --secret id=pip-ca,src=/path/to/ca.crt ...      (pip.conf: cert = /run/secrets/pip-ca)
+# deploy/smoke/run.sh builds this way on a host without Docker Hub or download.pytorch.org.
 #
 # Stages:  os-gpu | os-cpu   a Python runtime on the right base image
 #          builder           a virtualenv with torch (from the PyTorch index of the variant)
@@ -38,21 +46,27 @@ ARG VARIANT
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_GPU=https://download.pytorch.org/whl/cu128
 ARG TORCH_INDEX_CPU=https://download.pytorch.org/whl/cpu
+# PIP_CONFIG_FILE: the optional build secret `pip.conf` (pip ignores the path when no secret
+# was given). Secrets are mounted for one RUN only; nothing of them stays in a layer.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONFIG_FILE=/run/secrets/pip.conf \
     PATH=/opt/venv/bin:$PATH
-RUN python3 -m venv /opt/venv && pip install --upgrade pip setuptools wheel
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca \
+    python3 -m venv /opt/venv && pip install --upgrade pip setuptools wheel
 
 # torch first and in its own layer: it is by far the largest dependency and changes least.
 # The CPU variant takes the CPU-only build, so the image carries no CUDA libraries.
-RUN if [ "$VARIANT" = "cpu" ]; then index="$TORCH_INDEX_CPU"; else index="$TORCH_INDEX_GPU"; fi \
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca \
+    if [ "$VARIANT" = "cpu" ]; then index="$TORCH_INDEX_CPU"; else index="$TORCH_INDEX_GPU"; fi \
  && pip install "torch==${TORCH_VERSION}" --index-url "$index"
 
 # The package itself (not editable): model/, service/, loadtests/ and the bundled demo
 # weights (package data). The GPU variant adds onnxruntime-gpu, triton and pynvml.
 WORKDIR /src
 COPY . .
-RUN if [ "$VARIANT" = "cpu" ]; then extras="onnx"; else extras="gpu"; fi \
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca \
+    if [ "$VARIANT" = "cpu" ]; then extras="onnx"; else extras="gpu"; fi \
  && pip install ".[${extras}]" \
  && softvq --help > /dev/null
 
@@ -65,10 +79,13 @@ LABEL org.opencontainers.image.title="softvq-serve" \
       io.softvq.variant="${VARIANT}"
 
 # A fixed numeric uid, so Kubernetes' runAsNonRoot can verify it without a passwd lookup.
-RUN groupadd --system --gid 10001 softvq \
- && useradd --system --uid 10001 --gid softvq --home-dir /home/softvq --create-home softvq \
- && mkdir -p /models \
- && chown softvq:softvq /models
+# ~/.cache/softvq (ONNX exports, backend decisions) exists and belongs to that user, so a
+# volume mounted there (docker-compose.yml: softvq-cache) starts out writable by it.
+RUN groupadd --gid 10001 softvq \
+ && useradd --uid 10001 --gid softvq --home-dir /home/softvq --create-home --shell /usr/sbin/nologin softvq \
+ && mkdir -p /models /home/softvq/.cache/softvq \
+ && chown softvq:softvq /models \
+ && chown -R softvq:softvq /home/softvq/.cache
 
 COPY --from=builder /opt/venv /opt/venv
 

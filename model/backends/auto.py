@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .bucketing import normalize_buckets
-from .onnxrt import default_cache_dir, model_hash, onnx_usable
+from .onnxrt import default_cache_dir, model_hash, onnx_usable, tmp_suffix
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class DecisionCache:
         decisions[key] = {**entry, **fields, "refused": refused}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp = self.path.with_suffix(tmp_suffix())
             tmp.write_text(json.dumps(decisions, indent=1))
             os.replace(tmp, self.path)
         except OSError as e:

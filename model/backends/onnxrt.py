@@ -24,6 +24,14 @@ from ..sit import SiTBackbone
 from ..tokenizer import SoftVQTokenizer
 from .runner import DecodeGraph, EncodeGraph, GeneratorRunner, TokenizerRunner
 
+
+def tmp_suffix() -> str:
+    """A temporary file's suffix no other writer of a shared cache directory uses: the pid
+    alone is not enough when containers share the directory (a volume), since each
+    container's service runs as pid 1."""
+    return f".tmp{os.getpid()}-{os.urandom(4).hex()}"
+
+
 log = logging.getLogger(__name__)
 
 ONNX_OPSET = 17
@@ -106,7 +114,7 @@ class OnnxGraph:
 
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp = path.with_suffix(tmp_suffix())
             axes = {n: {0: "batch"} for n in input_names + output_names} if dynamic_batch else None
             log.info("exporting %s to ONNX (%s)", type(module).__name__, path.name)
             # The TorchScript exporter: the dynamo one needs onnxscript and a torch.export-able
