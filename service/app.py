@@ -425,6 +425,11 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
                     "X-Model": gen.name,
                     "X-Seeds": ",".join(map(str, seeds)),
                     "X-Class-Labels": ",".join(map(str, labels)),
+                    **(
+                        {"X-Class-Names": ",".join(gen.class_names[y] for y in labels)}
+                        if gen.class_names
+                        else {}
+                    ),
                 },
             )
         images_b64 = await run_in_threadpool(codec.png_b64_list, result["images"])
@@ -433,6 +438,7 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
                 "model": gen.name,
                 "images": images_b64,
                 "class_labels": labels,
+                "class_names": [gen.class_names[y] for y in labels] if gen.class_names else None,
                 "seeds": seeds,
                 "parameters": parameters,
             }
@@ -459,6 +465,7 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
                 "X-Model",
                 "X-Seeds",
                 "X-Class-Labels",
+                "X-Class-Names",
                 "X-PSNR",
             ],
         )
@@ -486,6 +493,25 @@ async def _decode_images(svc: Service, blobs: list[bytes], size: int) -> np.ndar
     s = svc.settings
     return await run_in_threadpool(
         codec.decode_images, blobs, size, s.max_image_bytes, s.max_image_pixels
+    )
+
+
+def class_id(label: int | str, gen) -> int:
+    """A class id, or a class name (case-insensitive) of the generator's class_names."""
+    if isinstance(label, int):
+        return label
+    names = gen.class_names or []
+    lowered = [n.lower() for n in names]
+    if label.strip().lower() in lowered:
+        return lowered.index(label.strip().lower())
+    if not names:
+        raise ApiError(
+            422,
+            "invalid_class",
+            f"{gen.name} has no class names; use ids 0..{gen.num_classes - 1}",
+        )
+    raise ApiError(
+        422, "invalid_class", f"unknown class {label!r}; {gen.name} knows: {', '.join(names)}"
     )
 
 
@@ -517,12 +543,12 @@ def _generate_inputs(body: GenerateRequest, gen, svc: Service):
         seeds = [seed + i for i in range(n)]
 
     if body.class_labels is not None:
-        bad = [c for c in body.class_labels if not 0 <= c < gen.num_classes]
+        labels = [class_id(c, gen) for c in body.class_labels]
+        bad = [c for c in labels if not 0 <= c < gen.num_classes]
         if bad:
             raise ApiError(
                 422, "invalid_class", f"class ids {bad[:5]} outside [0, {gen.num_classes})"
             )
-        labels = list(body.class_labels)
     else:  # random classes, reproducible from the first seed
         rng = np.random.default_rng(seeds[0])
         labels = rng.integers(0, gen.num_classes, size=n).tolist()

@@ -74,6 +74,7 @@ class GeneratorEntry:
     num_classes: int
     num_tokens: int
     token_dim: int
+    class_names: list[str] | None = None  # config.json "class_names": names of ids 0..N-1
     runner: GeneratorRunner | None = None  # callable like the generator: (x, t, y) -> v
     model: SiT | None = None
 
@@ -170,7 +171,8 @@ class ModelRegistry:
         if tok_name not in self.tokenizers:
             raise RegistryError(f"generator {name!r} pairs with unknown tokenizer {tok_name!r}")
         try:
-            cfg = GeneratorConfig.from_dict(read_config(path))
+            raw = read_config(path)
+            cfg = GeneratorConfig.from_dict(raw)
             gen = load_generator(path, device=self.device, dtype=self.dtype) if load else None
         except (ValueError, OSError) as e:
             raise RegistryError(f"generator {name!r}: {e}") from e
@@ -182,10 +184,21 @@ class ModelRegistry:
                 f"generator {name!r} works on ({cfg.input_size}, {cfg.in_channels}) tokens but "
                 f"tokenizer {tok_name!r} makes ({tok.num_tokens}, {tok.token_dim})"
             )
+        names = raw.get("class_names")
+        if names is not None and not (
+            isinstance(names, list)
+            and len(names) == cfg.num_classes
+            and all(isinstance(x, str) and x for x in names)
+            and len({x.lower() for x in names}) == len(names)
+        ):
+            raise RegistryError(
+                f"generator {name!r}: class_names must be {cfg.num_classes} distinct names"
+            )
         return GeneratorEntry(
             name=name,
             path=path,
             tokenizer=tok_name,
+            class_names=names,
             num_classes=cfg.num_classes,
             num_tokens=cfg.input_size,
             token_dim=cfg.in_channels,
@@ -230,6 +243,7 @@ class ModelRegistry:
                     "token_dim": g.token_dim,
                     **self._common(g),
                     "num_classes": g.num_classes,
+                    "class_names": g.class_names,
                     "tokenizer": g.tokenizer,
                 }
                 for g in self.generators.values()

@@ -58,8 +58,11 @@ class DecodeRequest(TimeoutField):
 
 
 class GenerateRequest(TimeoutField):
-    class_labels: list[int] | None = Field(
-        None, min_length=1, max_length=MAX_LIST, description="one image per class id"
+    class_labels: list[int | str] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_LIST,
+        description="one image per class: an id, or a name from GET /models' class_names",
     )
     num_images: int | None = Field(
         None, ge=1, le=MAX_LIST, description="images with classes drawn from a seeded RNG"
@@ -108,6 +111,7 @@ class ReconstructResponse(ImagesResponse):
 
 class GenerateResponse(ImagesResponse):
     class_labels: list[int]
+    class_names: list[str] | None = Field(None, description="when the generator names them")
     seeds: list[int]
     parameters: dict
 

@@ -207,6 +207,12 @@ def train_generator(cfg: GeneratorTrainConfig, quiet: bool = False, stop_after: 
         if hasattr(release, "projection"):  # the REPA head is training-only
             del release.projection
         save_generator(release, cfg.out)
+        # The class names travel with the weights: GET /models lists them and /generate
+        # takes them in place of ids (the model's config ignores the key).
+        config_path = Path(cfg.out) / "config.json"
+        config = json.loads(config_path.read_text())
+        config["class_names"] = list(source.classes)
+        config_path.write_text(json.dumps(config, indent=1) + "\n")
         meta = {
             "trained_with": dataclasses.asdict(cfg),
             "classes": list(source.classes),
