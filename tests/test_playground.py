@@ -127,6 +127,11 @@ class Page:
                 raise AssertionError(f"timed out waiting for {expr}; page says: {self.text()}")
             time.sleep(0.1)
 
+    def shown(self, element_id: str, timeout: float = 60) -> str:
+        """The text of a message box once it is shown."""
+        box = f"document.getElementById('{element_id}')"
+        return self.wait(f"!{box}.hidden && {box}.textContent", timeout)
+
     def el(self, css: str):
         from selenium.webdriver.common.by import By
 
@@ -335,9 +340,7 @@ def test_a_422_is_shown_in_the_page(page):
     page.tick_classes([0])
     page.set("#gen-steps", MAX_STEPS + 1)
     page.el("#gen-run").click()
-    error = page.wait(
-        "!document.getElementById('gen-error').hidden && document.getElementById('gen-error').textContent"
-    )
+    error = page.shown("gen-error")
     assert error.startswith("The server refused the request (422 invalid_steps)")
     assert f"steps={MAX_STEPS + 1} outside [1, {MAX_STEPS}]" in error
     assert page.els("#gen-grid img") == []
@@ -383,9 +386,7 @@ def test_a_file_that_is_no_image_gets_the_servers_message(page, tmp_path):
     bogus = tmp_path / "notes.png"
     bogus.write_bytes(b"these are not pixels")
     page.el("#rec-file").send_keys(str(bogus))
-    error = page.wait(
-        "!document.getElementById('rec-error').hidden && document.getElementById('rec-error').textContent"
-    )
+    error = page.shown("rec-error")
     assert "(400 invalid_image)" in error
     assert page.els("#rec-cards .psnr") == []
 
@@ -412,7 +413,7 @@ def test_phone_viewport_fits_and_every_control_is_labelled(page):
 
 @needs_chromium
 def test_cancel_stops_waiting_and_says_so(page, server):
-    steps = steps_for(server, 3.0, hi=MAX_STEPS)  # one image takes about 3 s
+    steps = steps_for(server, 3.0, lo=1500, hi=MAX_STEPS)  # about 3 s for one image
     page.tick_classes([0])
     page.set("#gen-steps", steps)
     page.el("#gen-run").click()
@@ -421,11 +422,7 @@ def test_cancel_stops_waiting_and_says_so(page, server):
     # indeterminate (the API has no progress stream yet): no made-up percentage
     assert page.js("return document.querySelector('#gen-progress progress').position") == -1
     page.el("#gen-cancel").click()
-    note = page.wait(
-        "!document.getElementById('gen-error').hidden"
-        " && document.getElementById('gen-error').textContent",
-        10,
-    )
+    note = page.shown("gen-error", 10)
     assert note.startswith("Cancelled.")
     assert page.els("#gen-grid img") == []
     assert page.el("#gen-run").is_enabled() and page.el("#gen-progress").is_displayed() is False
@@ -435,18 +432,14 @@ def test_cancel_stops_waiting_and_says_so(page, server):
 
 @needs_chromium
 def test_a_504_is_shown_in_the_page(chrome, server, api_env, tmp_path_factory):
-    steps = steps_for(server, 3.0, hi=MAX_STEPS)  # about 3 s of work, on this machine now
+    steps = steps_for(server, 3.0, lo=1500, hi=MAX_STEPS)  # about 3 s of work
     env = tiny_env(api_env, SOFTVQ_REQUEST_TIMEOUT_S="1")
     with serve_process(env, tmp_path_factory.mktemp("serve-504")) as (base, _):
         page = Page(chrome, base).open()
         page.tick_classes([0])
         page.set("#gen-steps", steps)
         page.el("#gen-run").click()
-        error = page.wait(
-            "!document.getElementById('gen-error').hidden"
-            " && document.getElementById('gen-error').textContent",
-            30,
-        )
+        error = page.shown("gen-error", 30)
         assert error.startswith("The request ran out of time (504 timeout)"), error
         assert error.endswith("Try fewer images or fewer steps.")
         assert page.script_errors() == []

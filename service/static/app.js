@@ -97,9 +97,9 @@ function describe(err) {
   const head =
     HEADLINES[err.status] || (err.status >= 500 ? "The service failed" : "The request failed");
   let text = `${head} (${err.status} ${err.code}): ${err.message}`;
-  if (!/[.!?)]$/.test(text)) text += ".";
+  if (!/[.!?]$/.test(text)) text += ".";
   if (err.retryAfter) text += ` Retry after ${err.retryAfter} s.`;
-  if (err.status === 401) text += " Enter a key in the API key box at the top.";
+  if (err.status === 401) text += " Enter one in the API key box.";
   if (err.status === 504) text += " Try fewer images or fewer steps.";
   return text;
 }
