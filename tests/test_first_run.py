@@ -82,14 +82,18 @@ def process(args: list[str], env: dict[str, str], log_path: Path):
         log.close()
 
 
-def wait_ready(base: str, procs: list[subprocess.Popen], timeout: float) -> float:
-    """Seconds until /readyz answers 200 (a process that exits fails the test)."""
+def wait_ready(base: str, procs: list[subprocess.Popen], timeout: float, pid=None) -> float:
+    """Seconds until /readyz answers 200 (a process that exits fails the test). ``pid``: the
+    answer must come from that process (GET /workers), not another server on the port."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         for p in procs:
             assert p.poll() is None, f"{p.args} exited with {p.returncode}"
         try:
             if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                if pid is not None:
+                    (me,) = httpx.get(f"{base}/workers", timeout=2).json()["workers"]
+                    assert me["pid"] == pid, f"port answered by another server (pid {me['pid']})"
                 return time.monotonic() - t0
         except httpx.HTTPError:
             pass
@@ -137,7 +141,7 @@ def test_readme_first_command_serves_on_a_fresh_machine(tmp_path):
     for start in ("first", "warm"):
         log = tmp_path / f"serve-{start}.log"
         with process(["serve"], env, log) as proc:
-            times[start] = wait_ready(base, [proc], timeout=60)
+            times[start] = wait_ready(base, [proc], timeout=60, pid=proc.pid)
             use_like_a_newcomer(base)
             models = httpx.get(f"{base}/models").json()
             assert {m["name"] for m in models["tokenizers"]} == {"softvq-demo-32", "softvq-demo-64"}
