@@ -41,6 +41,8 @@ import uuid
 from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -123,12 +125,20 @@ class Keys:
 
 def connect(url: str) -> aioredis.Redis:
     """A client that fails fast when Redis is gone (1 s to connect) but tolerates the short
-    blocking reads (<= 1 s) the broker and workers issue."""
+    blocking reads (<= 1 s) the broker and workers issue.
+
+    One immediate retry on a connection error, on a fresh connection: after Redis restarts
+    (`docker compose restart redis`), every pooled connection is dead and would fail its
+    next command once -- a 503 for each, long after Redis is back (deploy/smoke/check.py
+    found it). With Redis still gone the retry's connect is refused at once, so failing fast
+    is unchanged."""
     return aioredis.from_url(
         url,
         socket_connect_timeout=1.0,
         socket_timeout=5.0,
         retry_on_timeout=False,
+        retry=Retry(NoBackoff(), 1),
+        retry_on_error=[RedisConnectionError],
         health_check_interval=10,
     )
 
