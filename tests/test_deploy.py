@@ -529,6 +529,136 @@ def test_compose_worker_reserves_a_gpu_and_scales():
     assert svc["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
 
 
+def test_compose_publishes_ports_on_localhost_unless_told_otherwise():
+    """Every published port binds DEPLOY_BIND_ADDRESS, 127.0.0.1 by default (issue #18)."""
+    published = {n: s["ports"] for n, s in compose()["services"].items() if "ports" in s}
+    assert set(published) == {"api", "prometheus", "grafana"}
+    for name, ports in published.items():
+        for p in ports:
+            assert p.startswith("${DEPLOY_BIND_ADDRESS:-127.0.0.1}:"), (name, p)
+
+
+def test_compose_cache_volume_is_the_images_cache_dir_owned_by_the_service_user():
+    """The softvq-cache volume is mounted where the service writes ONNX exports and backend
+    decisions (~/.cache/softvq of the image's user), and the image makes that directory as
+    that user: a fresh named volume copies the ownership, so uid 10001 can write to it."""
+    from model.backends.onnxrt import default_cache_dir
+
+    svc = compose()["services"]
+    home = "/home/softvq"
+    cache = str(default_cache_dir()).replace(str(Path.home()), home)
+    assert cache == f"{home}/.cache/softvq"
+    for name in ("api", "worker"):
+        assert f"softvq-cache:{cache}" in svc[name]["volumes"], name
+    assert "softvq-cache" in compose()["volumes"]
+    runs = " ".join(a for i, a in dockerfile() if i == "RUN")
+    assert f"--home-dir {home}" in runs and f"mkdir -p /models {cache}" in runs
+    assert f"chown -R softvq:softvq {home}/.cache" in runs
+
+
+def test_dockerfile_takes_pip_settings_as_secrets_and_pulls_no_frontend():
+    """No `# syntax=` image to pull; every pip step can read the pip.conf / pip-ca build
+    secrets (a mirror, find-links, a proxy's CA) and nothing of them reaches the runtime
+    stage (deploy/smoke/run.sh checks the built image too)."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax=", text, re.M)
+    instr = dockerfile()
+    for i, a in instr:
+        if i == "RUN" and "pip install" in a:
+            assert "--mount=type=secret,id=pip.conf" in a and "--mount=type=secret,id=pip-ca" in a
+    stages, current = {}, None
+    for i, a in instr:
+        if i == "FROM":
+            current = a.split()[-1]
+        stages.setdefault(current, []).append((i, a))
+    assert "PIP_CONFIG_FILE=/run/secrets/pip.conf" in " ".join(
+        a for i, a in stages["builder"] if i == "ENV"
+    )
+    assert "PIP_" not in " ".join(a for i, a in stages["runtime"] if i in ("ENV", "ARG"))
+
+
+def test_smoke_override_swaps_images_only_and_leaves_grafana_out():
+    """deploy/smoke/compose.smoke.yml changes images (local builds of the same programs),
+    pull policies and Grafana's profile; every command, health check, volume, port and
+    environment of the stack stays the real file's."""
+    override = load_yaml(DEPLOY / "smoke" / "compose.smoke.yml")["services"]
+    allowed = {"image", "pull_policy"}
+    for name, svc in override.items():
+        assert name in compose()["services"], name
+        if name == "grafana":
+            assert svc == {"profiles": ["grafana"]}
+            continue
+        assert set(svc) <= allowed, (name, set(svc) - allowed)
+    assert set(override["redis"]) == set(override["prometheus"]) == allowed
+    # the stand-in images keep the contract the compose file relies on
+    redis = (DEPLOY / "smoke" / "redis.Dockerfile").read_text()
+    assert "redis-server" in redis and "WORKDIR /data" in redis and "USER redis" in redis
+    prom = (DEPLOY / "smoke" / "prometheus.Dockerfile").read_text()
+    assert 'ENTRYPOINT ["/usr/bin/prometheus"]' in prom and "/prometheus" in prom
+
+
+def test_smoke_script_cleans_up_on_every_exit_and_stays_on_localhost():
+    script = (DEPLOY / "smoke" / "run.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(DEPLOY / "smoke" / "run.sh")]).returncode == 0
+    assert "trap cleanup EXIT" in script
+    assert "down --volumes --remove-orphans" in script
+    assert "exit 77" in script  # no engine: one line, CI goes on
+    assert "--scale worker=2" in script and "--no-build" in script
+    check = (DEPLOY / "smoke" / "check.py").read_text()
+    assert "127.0.0.1" in check
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "deploy/smoke/run.sh" in ci and "77" in ci
+
+
+def test_smoke_pip_settings_serve_local_indexes_on_localhost(tmp_path):
+    """deploy/smoke/pip_settings.py rewrites local find-links / file:// indexes / constraint
+    files to URLs on 127.0.0.1 and serves them, relative links of an index included."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "demo-1.0-py3-none-any.whl").write_bytes(b"whl")
+    index = tmp_path / "mirror" / "simple" / "demo"
+    index.mkdir(parents=True)
+    (tmp_path / "mirror" / "files").mkdir()
+    (tmp_path / "mirror" / "files" / "demo-2.0.tar.gz").write_bytes(b"sdist")
+    (index / "index.html").write_text('<a href="../../files/demo-2.0.tar.gz">demo-2.0</a>')
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("demo<3\n")
+    conf = tmp_path / "pip.conf"
+    conf.write_text(
+        f"[global]\nfind-links = {wheels}\n"
+        f"extra-index-url = file://{tmp_path / 'mirror' / 'simple'}\nconstraint = {constraints}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=str(conf), PIP_CERT="/nonexistent")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, str(DEPLOY / "smoke" / "pip_settings.py"), str(out)], env=env
+    )
+    try:
+        end = time.monotonic() + 30
+        while not (out / "ready").exists() and time.monotonic() < end:
+            time.sleep(0.1)
+        ready = json.loads((out / "ready").read_text())
+        text = (out / "pip.conf").read_text()
+        assert ready["cert"] is None and "cert" not in text  # no such file: no secret
+        urls = dict(line.split(" = ", 1) for line in text.splitlines() if " = " in line)
+        base = f"http://127.0.0.1:{ready['port']}/"
+        find_links = [u for u in urls["find-links"].split() if u.startswith(base)]
+        (mirror,) = [u for u in urls["extra-index-url"].split() if u.startswith(base)]
+        assert mirror.endswith("/simple/") and urls["constraint"].startswith(base)
+        with urllib.request.urlopen(urls["constraint"], timeout=10) as r:
+            assert r.read() == b"demo<3\n"
+        page = urllib.request.urlopen(mirror + "demo/", timeout=10).read().decode()
+        link = re.search(r'href="([^"]+)"', page).group(1)
+        with urllib.request.urlopen(urllib.parse.urljoin(mirror + "demo/", link)) as r:
+            assert r.read() == b"sdist"
+        listing = b"".join(urllib.request.urlopen(u, timeout=10).read() for u in find_links)
+        assert b"demo-1.0-py3-none-any.whl" in listing
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 def test_prometheus_scrapes_the_api_and_every_worker_replica():
     svc = compose()["services"]
     prom = svc["prometheus"]

@@ -1,6 +1,6 @@
 """The host's pip settings, handed to a `docker build` without baking them into the image.
 
-    python3 deploy/smoke/pip_settings.py OUTDIR
+    python3 deploy/smoke/pip_settings.py OUTDIR [--drop KEY ...]
 
 reads this host's effective pip configuration (`pip config list`: config files and PIP_*
 variables), writes OUTDIR/pip.conf for the build (passed as the build secret `pip.conf`), and,
@@ -9,6 +9,9 @@ a constraints file), serves them read-only over HTTP on 127.0.0.1 for the build 
 build runs with `--network host`; nothing else can reach the server) and rewrites those
 settings to the served URLs. The CA bundle the host's pip trusts (`cert`) is the build secret
 `pip-ca`; OUTDIR/pip.conf names it as /run/secrets/pip-ca.
+
+--drop KEY leaves a setting out (the GPU build drops find-links: this host's find-links hold
+the CPU build of torch, which would win over the CUDA build on the index).
 
 Writes OUTDIR/ready (a JSON object: {"pip_conf", "cert" or null, "port" or null}) once the
 files are in place, then serves until it is terminated (only when something is served; it
@@ -54,12 +57,12 @@ def local_path(value: str) -> Path | None:
     return None
 
 
-def main(outdir: str) -> None:
+def main(outdir: str, drop: list[str]) -> None:
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     served = out / "served"
     served.mkdir(exist_ok=True)
-    conf = effective_config()
+    conf = {k: v for k, v in effective_config().items() if k not in drop}
     shares: list[tuple[str, Path]] = []  # (url path, local path)
 
     def share(path: Path) -> str:
@@ -123,4 +126,4 @@ class Quiet(http.server.SimpleHTTPRequestHandler):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], [a for a in sys.argv[2:] if a != "--drop"])

@@ -5,7 +5,7 @@
 #   1. installs and starts dockerd when none answers (Debian's docker.io; Compose v2 and
 #      buildx as Debian's docker-compose / docker-buildx packages when the CLI lacks them);
 #   2. makes a base image from Debian packages (debootstrap of bookworm with python3 and
-#      python3-venv, `docker import`), cached under $SOFTVQ_SMOKE_CACHE by BASE_VERSION;
+#      python3-venv, `docker import`), cached under $DEPLOY_SMOKE_CACHE by BASE_VERSION;
 #      Redis and Prometheus images from Debian's packages on that base (deploy/smoke/*.Dockerfile);
 #   3. builds the CPU variant of ./Dockerfile on that base, with this host's pip settings as
 #      build secrets (deploy/smoke/pip_settings.py), and records build time and image size;
@@ -16,24 +16,37 @@
 #   6. removes the project's containers, networks and volumes, also on failure (trap).
 #
 # Exit status: 0 passed; 77 dockerd cannot run on this host (one line says why; nothing else
-# was done); anything else failed. Logs and results: $SOFTVQ_SMOKE_CACHE/last/ (results.json,
-# build.log, compose.log). SOFTVQ_SMOKE_KEEP=1 leaves the stack running (remove it with
+# was done); anything else failed. Logs and results: $DEPLOY_SMOKE_CACHE/last/ (results.json,
+# build.log, compose.log). DEPLOY_SMOKE_KEEP=1 leaves the stack running (remove it with
 # `docker compose -p softvq-smoke down -v`).
+#
+# `run.sh --gpu-build` instead builds the GPU variant as far as a host without a GPU and
+# without nvidia/cuda images can: the os-gpu stage on the Debian base in place of the CUDA
+# image, torch 2.13.0 from PyPI (the CUDA build) in place of the cu128 index, the .[gpu]
+# extras; then checks what the image holds (no container of it runs a model). Results:
+# $DEPLOY_SMOKE_CACHE/last-gpu/results.json. It removes the image afterwards (several GB).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
+MODE=stack
+case "${1:-}" in
+  "") ;;
+  --gpu-build) MODE=gpu ;;
+  *) echo "usage: $0 [--gpu-build]" >&2; exit 2 ;;
+esac
 
-CACHE=${SOFTVQ_SMOKE_CACHE:-/var/cache/softvq-smoke}
+CACHE=${DEPLOY_SMOKE_CACHE:-/var/cache/softvq-smoke}
 # Bump BASE_VERSION to remake the base (and the Redis / Prometheus images on it).
 BASE_VERSION=bookworm-py3-1
 SUITE=bookworm
-MIRROR=${SOFTVQ_SMOKE_MIRROR:-http://deb.debian.org/debian}
+MIRROR=${DEPLOY_SMOKE_MIRROR:-http://deb.debian.org/debian}
 BASE_IMAGE=softvq-smoke/debian:$BASE_VERSION
 REDIS_IMAGE=softvq-smoke/redis:$BASE_VERSION
 PROMETHEUS_IMAGE=softvq-smoke/prometheus:$BASE_VERSION
-IMAGE=${SOFTVQ_SMOKE_IMAGE:-softvq-serve:smoke-cpu}
+IMAGE=${DEPLOY_SMOKE_IMAGE:-softvq-serve:smoke-cpu}
 PROJECT=softvq-smoke
 OUT=$CACHE/last
+[ $MODE = gpu ] && OUT=$CACHE/last-gpu
 log() { printf '[smoke %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
 mkdir -p "$CACHE"
@@ -100,7 +113,7 @@ ensure_plugins() {
 }
 
 start_dockerd
-ensure_plugins
+ensure_plugins || engine_unavailable "could not install Compose >= 2.24 / buildx from Debian (see $OUT/apt-plugins.log)"
 export DOCKER_BUILDKIT=1
 
 # --- 2. base image and the stand-ins for Docker Hub's redis and prometheus ---------------
@@ -134,8 +147,9 @@ make_base() {
     "$tar" "$BASE_IMAGE" >/dev/null
 }
 
-make_base
+make_base || engine_unavailable "could not make the Debian base image (see $OUT/debootstrap.log)"
 for svc in redis prometheus; do
+  [ $MODE = gpu ] && break
   tag=$REDIS_IMAGE
   [ $svc = prometheus ] && tag=$PROMETHEUS_IMAGE
   log "image $tag (Debian's $svc on the base)"
@@ -154,8 +168,8 @@ cleanup() {
   local rc=$?
   if [ -n "${COMPOSE_UP:-}" ]; then
     "${COMPOSE[@]}" logs --no-color --timestamps >"$OUT/compose.log" 2>&1 || true
-    if [ "${SOFTVQ_SMOKE_KEEP:-0}" = 1 ]; then
-      log "SOFTVQ_SMOKE_KEEP=1: the stack stays up (docker compose -p $PROJECT down -v)"
+    if [ "${DEPLOY_SMOKE_KEEP:-0}" = 1 ]; then
+      log "DEPLOY_SMOKE_KEEP=1: the stack stays up (docker compose -p $PROJECT down -v)"
     else
       log "removing compose project $PROJECT (containers, networks, volumes)"
       "${COMPOSE[@]}" --profile grafana down --volumes --remove-orphans --timeout 20 \
@@ -170,16 +184,72 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-python3 deploy/smoke/pip_settings.py "$PIP_DIR" &
+drop=()
+[ $MODE = gpu ] && drop=(--drop find-links)
+python3 deploy/smoke/pip_settings.py "$PIP_DIR" "${drop[@]}" &
 PIP_PID=$!
 for _ in $(seq 50); do [ -s "$PIP_DIR/ready" ] && break; sleep 0.2; done
 secrets=(--secret "id=pip.conf,src=$PIP_DIR/pip.conf")
 cert=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["cert"] or "")' "$PIP_DIR/ready")
 [ -n "$cert" ] && secrets+=(--secret "id=pip-ca,src=$cert")
 
+if [ $MODE = gpu ]; then
+  GPU_IMAGE=softvq-serve:smoke-gpu
+  log "docker build (VARIANT=gpu, os-gpu stage on $BASE_IMAGE, torch from PyPI) -> $GPU_IMAGE"
+  t0=$(date +%s)
+  nice -n 10 docker build --network host --progress plain \
+    --build-arg VARIANT=gpu \
+    --build-arg "CUDA_IMAGE=$BASE_IMAGE" \
+    --build-arg "TORCH_INDEX_GPU=${DEPLOY_SMOKE_TORCH_INDEX:-https://pypi.org/simple}" \
+    "${secrets[@]}" -t "$GPU_IMAGE" . >"$OUT/build.log" 2>&1 || {
+    tail -n 40 "$OUT/build.log" >&2
+    exit 1
+  }
+  build_s=$(($(date +%s) - t0))
+  size=$(docker image inspect -f '{{.Size}}' "$GPU_IMAGE")
+  log "built in ${build_s}s, $((size / 1000000)) MB; checking what it holds"
+  docker run --rm --network none --entrypoint python3 "$GPU_IMAGE" -c '
+import json, os, shutil, subprocess, sysconfig
+import torch, onnxruntime, triton, pynvml
+import service.cli, model
+out = {
+    "uid": os.getuid(),
+    "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+    "cuda_available": torch.cuda.is_available(),
+    "onnxruntime": onnxruntime.__version__,
+    "onnxruntime_providers": onnxruntime.get_available_providers(),
+    "triton": triton.__version__,
+    "cache_dir_writable": os.access(os.path.expanduser("~/.cache/softvq"), os.W_OK),
+    "c_compiler": shutil.which("gcc") or shutil.which("cc"),
+    "python_headers": os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"),
+    "softvq_help": subprocess.run(["softvq", "--help"], capture_output=True).returncode,
+    "liveness_probe_no_worker": subprocess.run(["python3", "-m", "service.liveness"], capture_output=True).returncode,
+}
+print(json.dumps(out))
+' >"$OUT/image-check.json" 2>"$OUT/image-check.err" || {
+    cat "$OUT/image-check.err" >&2
+    exit 1
+  }
+  python3 - "$OUT" "$build_s" "$size" <<'PY'
+import json, sys
+out, build_s, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+held = json.load(open(f"{out}/image-check.json"))
+assert held["uid"] == 10001 and held["torch_cuda"], held
+assert "CUDAExecutionProvider" in held["onnxruntime_providers"], held
+assert held["cache_dir_writable"] and held["softvq_help"] == 0, held
+assert held["liveness_probe_no_worker"] == 1, held
+assert held["c_compiler"] and held["python_headers"], held  # triton builds its launcher
+res = {"build_seconds": build_s, "image_size_mb": round(size / 1e6), "image": held, "passed": True}
+open(f"{out}/results.json", "w").write(json.dumps(res, indent=1))
+print(json.dumps(res))
+PY
+  [ "${DEPLOY_SMOKE_KEEP:-0}" = 1 ] || docker image rm "$GPU_IMAGE" >/dev/null
+  exit 0
+fi
+
 # torch for the CPU variant: the CPU wheel wherever this host's pip finds it (find-links);
 # PyPI as the index for its dependencies. Elsewhere the Dockerfile's default index applies.
-TORCH_INDEX=${SOFTVQ_SMOKE_TORCH_INDEX:-https://pypi.org/simple}
+TORCH_INDEX=${DEPLOY_SMOKE_TORCH_INDEX:-https://pypi.org/simple}
 log "docker build (VARIANT=cpu, base $BASE_IMAGE) -> $IMAGE"
 t0=$(date +%s)
 nice -n 10 docker build --network host --progress plain \
@@ -208,8 +278,8 @@ fi
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 mkdir -p "$WORK/weights" # empty: the demo weights inside the image are served
 export DEPLOY_IMAGE=$IMAGE DEPLOY_VARIANT=cpu WEIGHTS_DIR=$WORK/weights
-export API_PORT=${SOFTVQ_SMOKE_API_PORT:-$(free_port)}
-export PROMETHEUS_PORT=${SOFTVQ_SMOKE_PROMETHEUS_PORT:-$(free_port)}
+export API_PORT=${DEPLOY_SMOKE_API_PORT:-$(free_port)}
+export PROMETHEUS_PORT=${DEPLOY_SMOKE_PROMETHEUS_PORT:-$(free_port)}
 export SMOKE_REDIS_IMAGE=$REDIS_IMAGE SMOKE_PROMETHEUS_IMAGE=$PROMETHEUS_IMAGE
 COMPOSE=(docker compose -p "$PROJECT" -f docker-compose.yml -f deploy/compose.cpu.yml
   -f deploy/smoke/compose.smoke.yml)
