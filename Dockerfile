@@ -32,9 +32,12 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- GPU base: CUDA runtime + the distribution's Python (3.12 on Ubuntu 24.04) ------------
+# gcc and the Python headers stay in the runtime image: triton compiles its small C launcher
+# on first use, so torch.compile (SOFTVQ_BACKEND=compile, or auto's compile candidate) needs
+# them on a GPU host; without them that backend is refused and auto keeps eager / ONNX.
 FROM ${CUDA_IMAGE} AS os-gpu
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
 # --- CPU base: plain Python 3.11 ------------------------------------------------------------
