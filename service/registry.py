@@ -60,6 +60,7 @@ class TokenizerEntry:
     num_tokens: int
     token_dim: int
     num_codebooks: int
+    codebook_size: int
     vq_mean: float
     vq_std: float
     runner: TokenizerRunner | None = None  # None when weights are not loaded
@@ -159,6 +160,7 @@ class ModelRegistry:
             num_tokens=cfg.num_latent_tokens,
             token_dim=cfg.codebook_embed_dim,
             num_codebooks=cfg.num_codebooks,
+            codebook_size=cfg.codebook_size,
             vq_mean=float(cfg.vq_mean),
             vq_std=float(cfg.vq_std),
             model=tok,
@@ -231,6 +233,8 @@ class ModelRegistry:
                     "image_size": t.image_size,
                     "num_tokens": t.num_tokens,
                     "token_dim": t.token_dim,
+                    "num_codebooks": t.num_codebooks,
+                    "codebook_size": t.codebook_size,
                     **self._common(t),
                 }
                 for t in self.tokenizers.values()

@@ -12,7 +12,6 @@ import threading
 from collections.abc import Sequence
 
 import torch
-import torch._dynamo
 from torch import nn
 
 from ..sit import SiTBackbone
@@ -60,6 +59,8 @@ class CompiledGraph:
             with CompiledGraph._lock:
                 self.batch_sizes.add(batch)
                 CompiledGraph._variants += 1
+        import torch._dynamo  # here, not at import: ~150 MiB that eager-only processes never need
+
         limit = _DYNAMO_DEFAULT_LIMIT + 2 * CompiledGraph._variants
         with torch._dynamo.config.patch(
             recompile_limit=limit, accumulated_recompile_limit=max(256, 2 * limit)
