@@ -282,9 +282,14 @@ def answers(s: Stack) -> dict:
         seen[name] = {"images": [list(png_size(i)) for i in g["images"]]}
     status, body = http(f"{s.api}/generate", {"model": gens[0]["name"], "steps": 0})
     assert status == 422, (status, body[:300])
-    after = {w["id"]: w.get("batches", 0) for w in s.workers()}
-    ran = sum(after.values()) - sum(before.get(k, 0) for k in after)
-    assert ran > 0, f"no worker ran a batch: {before} -> {after}"
+    t0 = time.monotonic()
+    while True:  # /workers reads what the workers' heartbeats last wrote
+        after = {w["id"]: w.get("batches", 0) for w in s.workers()}
+        ran = sum(after.values()) - sum(before.get(k, 0) for k in after)
+        if ran > 0:
+            break
+        assert time.monotonic() - t0 < 15, f"no worker ran a batch: {before} -> {after}"
+        time.sleep(0.5)
     return {"models": seen, "worker_batches": ran}
 
 
@@ -334,9 +339,14 @@ def two_workers(s: Stack) -> dict:
     results = burst(s, 48, 8, 60, kind="tokenize")
     bad = [r for r in results if r[0] != 200]
     assert not bad, bad[:5]
-    after = {w["id"]: w.get("batches", 0) for w in s.workers()}
-    per = {k: after[k] - before.get(k, 0) for k in after}
-    assert len(per) == 2 and all(v > 0 for v in per.values()), f"batches per worker: {per}"
+    t0 = time.monotonic()
+    while True:  # /workers reads what the workers' heartbeats last wrote (every second or so)
+        after = {w["id"]: w.get("batches", 0) for w in s.workers()}
+        per = {k: after[k] - before.get(k, 0) for k in after}
+        if len(per) == 2 and all(v > 0 for v in per.values()):
+            break
+        assert time.monotonic() - t0 < 15, f"batches per worker: {per}"
+        time.sleep(0.5)
     return {"requests": len(results), "batches_per_worker": per}
 
 
