@@ -251,6 +251,7 @@ fi
 # PyPI as the index for its dependencies. Elsewhere the Dockerfile's default index applies.
 TORCH_INDEX=${DEPLOY_SMOKE_TORCH_INDEX:-https://pypi.org/simple}
 log "docker build (VARIANT=cpu, base $BASE_IMAGE) -> $IMAGE"
+old_id=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 t0=$(date +%s)
 nice -n 10 docker build --network host --progress plain \
   --build-arg VARIANT=cpu \
@@ -261,6 +262,10 @@ nice -n 10 docker build --network host --progress plain \
   exit 1
 }
 build_s=$(($(date +%s) - t0))
+# the previous build of this tag, now untagged (1.3 GB each): not left to pile up
+if [ -n "$old_id" ] && [ "$old_id" != "$(docker image inspect -f '{{.Id}}' "$IMAGE")" ]; then
+  docker image rm "$old_id" >/dev/null 2>&1 || true
+fi
 kill "$PIP_PID" 2>/dev/null || true
 PIP_PID=
 size=$(docker image inspect -f '{{.Size}}' "$IMAGE")
