@@ -243,7 +243,11 @@ res = {"build_seconds": build_s, "image_size_mb": round(size / 1e6), "image": he
 open(f"{out}/results.json", "w").write(json.dumps(res, indent=1))
 print(json.dumps(res))
 PY
-  [ "${DEPLOY_SMOKE_KEEP:-0}" = 1 ] || docker image rm "$GPU_IMAGE" >/dev/null
+  if [ "${DEPLOY_SMOKE_KEEP:-0}" != 1 ]; then
+    docker image rm "$GPU_IMAGE" >/dev/null
+    # and its build cache (~6 GB of CUDA wheels), keeping the most recently used layers
+    docker builder prune -f --keep-storage 8GB >/dev/null 2>&1 || true
+  fi
   exit 0
 fi
 
