@@ -48,6 +48,7 @@ from .executor import Executor
 from .liveness import LivenessFile
 from .registry import ModelRegistry
 from .settings import Settings
+from .tasks import largest_batch
 
 log = logging.getLogger("softvq.worker")
 
@@ -79,14 +80,15 @@ class Worker:
     async def run(self) -> None:
         redis = connect(self.settings.redis_url)
         source = RedisSource(self.settings, self.registry, redis, self.worker_id)
-        # Hold at most two batches' worth (XREADGROUP's COUNT applies per stream, so a read
+        # Hold at most two of the largest batches any task's policy allows (XREADGROUP's COUNT
+        # applies per stream, so a read
         # may bring up to this many from each): the rest stays for other workers.
         self.batcher = Batcher(
             self.settings,
             Executor(self.registry),
             source,
             self.worker_id,
-            max_held=2 * self.settings.max_batch_size,
+            max_held=2 * largest_batch(self.settings),
         )
         if self._stop_requested:
             self.batcher.stop(drain=False)
