@@ -81,8 +81,8 @@ class Worker:
         redis = connect(self.settings.redis_url)
         source = RedisSource(self.settings, self.registry, redis, self.worker_id)
         # Hold at most two of the largest batches any task's policy allows (XREADGROUP's COUNT
-        # applies per stream, so a read
-        # may bring up to this many from each): the rest stays for other workers.
+        # applies per stream, so a read may bring up to this many from each): the rest stays
+        # for other workers.
         self.batcher = Batcher(
             self.settings,
             Executor(self.registry),
