@@ -14,16 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-def __getattr__(name: str):
-    # ``TASKS`` (the task names) lives in service/tasks.py, the one table of tasks; still
-    # importable from here (``from service.jobs import TASKS``).
-    if name == "TASKS":
-        from .tasks import TASKS
-
-        return TASKS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass
 class Job:
     model: str  # tokenizer name, or generator name for "generate"

@@ -945,7 +945,7 @@ def test_k8s_services_and_disruption_budgets_select_real_pods():
 def configured_streams() -> set[tuple[str, str]]:
     """(model, task) of every stream the ConfigMap's models use (the demo ones when unset)."""
     from model import demo
-    from service.jobs import TASKS
+    from service.tasks import TASKS
 
     data = k8s_find("ConfigMap", "softvq-config")["data"]
     if "SOFTVQ_TOKENIZERS" in data:
@@ -1216,7 +1216,7 @@ def test_compose_topology_api_and_worker_over_redis_export_every_queried_metric(
     import redis as redis_py
 
     from service.broker.redis_streams import Keys
-    from service.jobs import TASKS
+    from service.tasks import TASKS
 
     api_scrape = scrape(f"{compose_topology['api']}/metrics")
     worker_scrape = scrape(f"{compose_topology['worker']}/metrics")
