@@ -21,6 +21,7 @@ from model.training.evaluate import (
     diversity,
     generate_per_class,
     reconstruction_psnr,
+    reconstruction_quality,
 )
 
 PSNR_BAR = {"softvq-demo-64": 28.0, "softvq-demo-32": 26.0}
@@ -59,6 +60,32 @@ def test_reconstruction_psnr_on_held_out_images(name):
     tok = model.load_tokenizer(demo.demo_path(name))
     values = reconstruction_psnr(tok, count=64)
     assert statistics.mean(values) >= PSNR_BAR[name]
+
+
+# Issue #14: the judge names the tokenizers' reconstructions of held-out images (the ceiling
+# for generated images). The bundled weights are far below (about 33 % / 46 %).
+RECON_ACCURACY_BAR = {"softvq-demo-64": 0.90, "softvq-demo-32": 0.85}
+BELOW_RECOGNISABLE = pytest.mark.xfail(
+    strict=True, reason="bundled reconstructions are not recognisable yet (#14 open)"
+)
+
+
+@pytest.mark.parametrize("name", demo.DEMO_TOKENIZERS)
+def test_reconstruction_quality_judges_the_same_reconstructions(name):
+    tok = model.load_tokenizer(demo.demo_path(name))
+    judge = load_judge(demo.demo_path(demo.JUDGE_CLASSIFIER))
+    values, acc = reconstruction_quality(tok, judge, count=20)
+    assert values == reconstruction_psnr(tok, count=20)
+    assert 0.0 <= acc <= 1.0 and reconstruction_quality(tok, None, count=4)[1] is None
+
+
+@BELOW_RECOGNISABLE
+@pytest.mark.parametrize("name", demo.DEMO_TOKENIZERS)
+def test_judge_names_the_reconstructions_of_held_out_images(name):
+    tok = model.load_tokenizer(demo.demo_path(name))
+    judge = load_judge(demo.demo_path(demo.JUDGE_CLASSIFIER))
+    _, acc = reconstruction_quality(tok, judge, count=100)
+    assert acc >= RECON_ACCURACY_BAR[name]
 
 
 @pytest.fixture(scope="module", params=list(demo.DEMO_GENERATORS))

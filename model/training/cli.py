@@ -315,7 +315,8 @@ def _evaluate_demo(args) -> int:
         results[f"{tok_name} + {gen_name}"] = r
         print(
             f"{tok_name}: PSNR {r['psnr_mean']:.2f} dB on {args.psnr_images} held-out images "
-            f"(min {r['psnr_min']:.2f}) | {gen_name}: class accuracy {r['accuracy']:.3f} "
+            f"(min {r['psnr_min']:.2f}), judged reconstructions "
+            f"{r['reconstruction_accuracy']:.3f} | {gen_name}: class accuracy {r['accuracy']:.3f} "
             f"with cfg {settings.cfg_scale}, {settings.steps} {settings.sampler} steps | "
             f"diversity ratio {r['diversity_ratio_mean']:.3f} "
             f"(min {r['diversity_ratio_min']:.3f})"

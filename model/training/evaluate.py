@@ -35,12 +35,26 @@ class GenerationSettings:
 @torch.no_grad()
 def reconstruction_psnr(tok, count: int = 500, seed: int = HELD_OUT_SEED, batch_size: int = 100):
     """Per-image PSNR of decode(encode(x)) on ``count`` held-out images."""
+    return reconstruction_quality(tok, None, count, seed, batch_size)[0]
+
+
+@torch.no_grad()
+def reconstruction_quality(
+    tok, judge, count: int = 500, seed: int = HELD_OUT_SEED, batch_size: int = 100
+):
+    """(per-image PSNR, judged accuracy) of decode(encode(x)) on ``count`` held-out images;
+    the accuracy (the judge naming the reconstruction's class) is None without a judge. It
+    is the ceiling for generated images, which are decoded through the same decoder."""
     data = ProceduralShapes(count, seed=seed, image_size=tok.image_size)
     values: list[float] = []
+    correct = 0
     for start in range(0, count, batch_size):
-        images, _ = data.batch(range(start, min(count, start + batch_size)))
-        values += psnr(tok.decode(tok.encode(images)), images)
-    return values
+        images, labels = data.batch(range(start, min(count, start + batch_size)))
+        recon = tok.decode(tok.encode(images))
+        values += psnr(recon, images)
+        if judge is not None:
+            correct += int((judge.predict(recon) == labels).sum())
+    return values, (correct / count if judge is not None else None)
 
 
 @torch.no_grad()
@@ -148,7 +162,7 @@ def evaluate_pair(
 ) -> dict:
     """All numbers for one tokenizer / generator pair (and the generated images)."""
     settings = settings or GenerationSettings()
-    p = reconstruction_psnr(tok, psnr_images)
+    p, recon_acc = reconstruction_quality(tok, judge, psnr_images)
     images, labels = generate_per_class(tok, gen, per_class, settings, seed=seed)
     pred = judge.predict(images)
     per_class_acc = [float((pred[labels == c] == c).float().mean()) for c in range(gen.num_classes)]
@@ -157,6 +171,7 @@ def evaluate_pair(
         "psnr_mean": statistics.mean(p),
         "psnr_min": min(p),
         "psnr_images": psnr_images,
+        "reconstruction_accuracy": recon_acc,
         "accuracy": float((pred == labels).float().mean()),
         "accuracy_per_class": per_class_acc,
         "generated_images": len(labels),
