@@ -85,6 +85,19 @@ def exit_for_restart(message: str) -> NoReturn:
     os._exit(EXIT_HUNG)
 
 
+def leave_past_tuner(registry, who: str) -> None:
+    """After a clean stop: if the registry's backend tuner is still inside torch (compiling,
+    exporting), end the process now with status 0 rather than finalise the interpreter under
+    it, which can crash (SIGSEGV seen on a worker stopped mid-compile)."""
+    if registry is None or registry.stop_tuning():
+        return
+    log.info("%s: backend tuning interrupted by the stop", who)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 class HungModelCall(RuntimeError):
     """A model call that never returned. ``jobs`` ran in it; the batcher is unusable (its one
     model thread is stuck), so its owner must fail over and end the process."""

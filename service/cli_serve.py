@@ -58,6 +58,9 @@ def cmd_serve(args) -> int:
         proxy_headers=args.proxy_headers,
         access_log=args.access_log,
     )
+    from .batcher import leave_past_tuner
+
+    leave_past_tuner(app.state.service.registry, "server")  # stopped cleanly
     return 0
 
 

@@ -112,6 +112,7 @@ class ModelRegistry:
         self.tuning: dict[str, str] = {}
         self.tuned = threading.Event()
         self._tuner: threading.Thread | None = None
+        self._stop_tuning = threading.Event()
         # Warm-up and batches run on an executor thread; a model is not re-entrant on a GPU.
         self.lock = threading.Lock()
 
@@ -317,6 +318,9 @@ class ModelRegistry:
         self.tuning = {e.name: "pending" for _, e in entries}
         t0 = time.perf_counter()
         for kind, entry in entries:
+            if self._stop_tuning.is_set():
+                log.info("backend tuning stopped before %s (shutting down)", entry.name)
+                break
             self.tuning[entry.name] = "proving"
             try:
                 self._tune(kind, entry)
@@ -329,6 +333,16 @@ class ModelRegistry:
             time.perf_counter() - t0,
             ", ".join(f"{e.name}={e.runner.backend}" for _, e in entries),
         )
+
+    def stop_tuning(self, wait_s: float = 2.0) -> bool:
+        """Ask the tuner to stop after the model it is proving; True once it has ended (or
+        never ran). A compile or export in progress cannot be interrupted: a process that must
+        exit while this is False should not run the interpreter's finalisation under it."""
+        self._stop_tuning.set()
+        if self._tuner is not None:
+            self._tuner.join(wait_s)
+            return not self._tuner.is_alive()
+        return True
 
     def _tune(self, kind: str, entry: TokenizerEntry | GeneratorEntry) -> None:
         eager = entry.runner

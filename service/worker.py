@@ -41,7 +41,7 @@ import uuid
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .batcher import Batcher, HungModelCall, exit_for_restart
+from .batcher import Batcher, HungModelCall, exit_for_restart, leave_past_tuner
 from .broker.redis_source import RedisSource
 from .broker.redis_streams import Keys, beat, connect, leave
 from .executor import Executor
@@ -202,6 +202,7 @@ def run_worker(
     except Exception as e:  # noqa: BLE001 - the loop died: a restart is the only cure
         log.exception("worker loop crashed")
         exit_for_restart(f"worker {worker.worker_id}: loop stopped: {type(e).__name__}: {e}")
+    leave_past_tuner(registry, f"worker {worker.worker_id}")  # stopped cleanly
 
 
 def main(argv: list[str] | None = None) -> int:

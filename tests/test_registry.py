@@ -28,6 +28,8 @@ def test_loads_models_with_runners_and_info(engine_settings_factory):
             "image_size": 32,
             "num_tokens": 8,
             "token_dim": 8,
+            "num_codebooks": 4,
+            "codebook_size": 64,
             "backend": "eager",
             "device": "cpu",
             "dtype": "float32",
