@@ -49,7 +49,8 @@ EMA_DECAY = 0.998
 # The teacher (our DINOv2 stand-in, model/training/teacher.py) and the switches of the losses
 # that use it. Ablation behind these values: docs/DEMO_MODELS.md ("Pilots with the teacher",
 # 2026-11-30). At 1500 tokenizer / 1500 generator steps the teacher terms did not help:
-# alignment 0.1 + perceptual 1.0 cost 1.5 dB and judged reconstructions (13.5 % vs 20 %), and
+# alignment 0.1 + perceptual 1.0 cost 1.5 dB and judged reconstructions (13.5 % vs 20 %; with
+# perceptual 0.2: -0.5 dB, 18.5 %), and
 # generator REPA 0.5 left generation at chance (11.5 % vs 11 %), so all are off. The cnn
 # teacher is the one to use when switching them on (100 % held-out accuracy in 800 steps;
 # the vit of the encoder's shape: 62 % in 1500 steps).
