@@ -107,9 +107,8 @@ class ModelRegistry:
         self.default_generator: str | None = None
         self.loaded = False
         self.warm = False
-        # Background proving of the configured backend (start_tuning): model -> state, one of
-        # "pending", "proving", "done"; ``tuned`` is set when every model is done.
-        self.tuning: dict[str, str] = {}
+        # Background proving of the configured backend (start_tuning): ``tuned`` is set once
+        # every model is settled.
         self.tuned = threading.Event()
         self._tuner: threading.Thread | None = None
         self._stop_tuning = threading.Event()
@@ -315,18 +314,15 @@ class ModelRegistry:
             raise RuntimeError("tuning needs a registry built with load_weights=True")
         entries = [("tokenizer", e) for e in self.tokenizers.values()]
         entries += [("generator", e) for e in self.generators.values()]
-        self.tuning = {e.name: "pending" for _, e in entries}
         t0 = time.perf_counter()
         for kind, entry in entries:
             if self._stop_tuning.is_set():
                 log.info("backend tuning stopped before %s (shutting down)", entry.name)
                 break
-            self.tuning[entry.name] = "proving"
             try:
                 self._tune(kind, entry)
             except Exception:  # noqa: BLE001 - a bug here must not take serving down
                 log.exception("backend tuning of %s failed; it stays on eager", entry.name)
-            self.tuning[entry.name] = "done"
         self.tuned.set()
         log.info(
             "backends settled in %.1fs: %s",
