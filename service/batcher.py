@@ -37,7 +37,9 @@ from typing import NoReturn
 
 from . import metrics
 from .executor import Executor, ModelCrashed
-from .jobs import Job, JobError, JobFailed, JobTimeout
+from .jobs import Job, JobCanceled, JobError, JobFailed, JobTimeout
+from .lanes import LanePicker, lane_rank
+from .progress import PROGRESS_EVERY_S, BatchProgress
 from .settings import Settings
 from .tasks import TASKS, BatchPolicy, group_key, job_cost, resolve_policy
 
@@ -68,6 +70,11 @@ class JobSource(ABC):
     @abstractmethod
     async def hand_back(self, jobs: list[Job]) -> None:
         """Jobs taken but never started, at shutdown: let someone else run them."""
+
+    async def progress(self, jobs: list[Job], step: int, steps: int) -> None:
+        """The running batch's sampling loop is at ``step`` of ``steps`` (0 of 0: the batch
+        started). ``jobs``: its tracked (async) jobs. Default: nobody listens."""
+        return None
 
 
 # Exit status of a process that ends itself because it can no longer serve: a hung model
@@ -135,6 +142,7 @@ class Batcher:
         self.running: list[Job] = []
         self._expired: list[Job] = []  # purged from their groups, answered by the next turn
         self.batches_run = 0
+        self.lanes = LanePicker(settings.interactive_burst)
         self._stopping = False
         self._drain = True
         # One model thread: batches run one after another, never concurrently on the device.
@@ -197,7 +205,9 @@ class Batcher:
             self.add(job)
 
     def add(self, job: Job) -> None:
-        self.pending.setdefault(group_key(job), deque()).append((time.monotonic(), job))
+        # Lanes never share a batch: an interactive job never waits on bulk items beside it.
+        key = (lane_rank(job), *group_key(job))
+        self.pending.setdefault(key, deque()).append((time.monotonic(), job))
 
     def _purge_expired(self) -> None:
         """Expired jobs leave their group now (answered when the next batch runs), so they
@@ -240,12 +250,12 @@ class Batcher:
             pol = self.policy(job)
             cost = sum(job_cost(j) for _, j in q)
             if cost >= pol.max_batch_size or now - oldest >= pol.max_wait_s or self._stopping:
-                due.append((oldest, key))
+                due.append((oldest, key[0], key))
             else:
                 w = oldest + pol.max_wait_s - now
                 first_wait = w if first_wait is None else min(first_wait, w)
         if due:
-            return min(due)[1], None
+            return self.lanes.pick(due), None
         return None, first_wait
 
     def _take(self, key: tuple) -> list[Job]:
@@ -268,7 +278,10 @@ class Batcher:
         live = []
         for job in batch:
             if job.id in gone:
-                dropped.append((job, None))
+                # An async job's record may be read on another API replica: say so.
+                dropped.append(
+                    (job, JobCanceled("cancelled before it ran") if job.tracked else None)
+                )
             elif job.expired(now):
                 metrics.JOBS_FAILED.labels(model=job.model, task=job.task, reason="timeout").inc()
                 dropped.append((job, JobTimeout("deadline passed before the job could run")))
@@ -282,11 +295,19 @@ class Batcher:
             metrics.QUEUE_WAIT.labels(model=job.model, task=job.task).observe(
                 max(0.0, now - job.created)
             )
+            metrics.LANE_WAIT.labels(lane=job.priority).observe(max(0.0, now - job.created))
         self.running = live
         busy = metrics.WORKER_BUSY.labels(worker=self.worker_id)
         busy.set(1)
         start = time.perf_counter()
-        call = asyncio.get_running_loop().run_in_executor(self.pool, self.executor.run, live)
+        progress = BatchProgress(live)
+        tracked = [j for j in live if j.tracked]
+        if tracked:
+            await self._report(tracked, 0, 0)
+        call = asyncio.get_running_loop().run_in_executor(
+            self.pool, self.executor.run, live, progress
+        )
+        watch = asyncio.create_task(self._watch(call, progress, tracked))
         try:
             # Nobody waits for the result once every deadline has passed; a call still running
             # a grace period later is hung, not slow.
@@ -298,6 +319,7 @@ class Batcher:
                 self._hung(live, time.perf_counter() - start)
             outcomes = call.result()
         finally:
+            watch.cancel()
             busy.set(0)
             metrics.WORKER_BUSY_SECONDS.labels(worker=self.worker_id).inc(
                 time.perf_counter() - start
@@ -306,6 +328,33 @@ class Batcher:
                 self.running = []
         self.batches_run += 1
         await self._settle(live, outcomes)
+
+    async def _watch(self, call: asyncio.Future, progress: BatchProgress, tracked: list[Job]):
+        """While a batch runs: every PROGRESS_EVERY_S, hand cancellations to its sampling loop
+        (its rows leave at the next step) and report the loop's step for tracked jobs."""
+        last = 0
+        while not call.done():
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            if call.done():
+                return
+            try:
+                gone = await self.source.cancelled(progress.jobs)
+            except Exception as e:  # noqa: BLE001 - a missed poll only delays a cancel
+                log.debug("cancel poll failed: %s", e)
+                gone = set()
+            if gone:
+                progress.cancel(gone)
+            step, steps = progress.step, progress.steps
+            live = [j for j in tracked if j.id not in gone and j.id not in progress.dropped]
+            if live and steps and step != last:
+                last = step
+                await self._report(live, step, steps)
+
+    async def _report(self, jobs: list[Job], step: int, steps: int) -> None:
+        try:
+            await self.source.progress(jobs, step, steps)
+        except Exception as e:  # noqa: BLE001 - progress is advisory; the job goes on
+            log.debug("progress report failed: %s", e)
 
     def _hung(self, jobs: list[Job], seconds: float) -> None:
         what = ", ".join(sorted({f"{j.model}/{j.task}" for j in jobs}))

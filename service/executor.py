@@ -24,7 +24,8 @@ import time
 import torch
 
 from . import metrics
-from .jobs import InvalidJob, Job, JobError, JobFailed
+from .jobs import InvalidJob, Job, JobCanceled, JobError, JobFailed
+from .progress import BatchProgress
 from .tasks import TASKS, Task, guided, job_cost  # noqa: F401 - guided, job_cost: re-exported
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,11 @@ class Executor:
         self.registry = registry
 
     # --- entry point --------------------------------------------------------------------
-    def run(self, jobs: list[Job]) -> list[dict | JobError]:
-        """Jobs of one (model, task, params) -> one outcome per job, in order. Never raises."""
+    def run(self, jobs: list[Job], progress: BatchProgress | None = None) -> list[dict | JobError]:
+        """Jobs of one (model, task, params) -> one outcome per job, in order. Never raises.
+
+        ``progress``: a sampling loop reports its steps there, and jobs cancelled on it while
+        they run leave the loop at the next step (outcome JobCanceled)."""
         outcomes: list[dict | JobError | None] = [None] * len(jobs)
         valid = []
         for i, job in enumerate(jobs):
@@ -66,14 +70,16 @@ class Executor:
                 outcomes[i] = e if isinstance(e, InvalidJob) else InvalidJob(_message(e))
         if valid:
             with self.registry.lock:
-                done = self._run_split([jobs[i] for i in valid])
+                done = self._run_split([jobs[i] for i in valid], progress)
             for i, out in zip(valid, done, strict=True):
                 outcomes[i] = out
         return outcomes
 
-    def _run_split(self, jobs: list[Job]) -> list[dict | JobError]:
+    def _run_split(
+        self, jobs: list[Job], progress: BatchProgress | None = None
+    ) -> list[dict | JobError]:
         try:
-            return self.compute(jobs)
+            return self.compute(jobs, progress)
         except Exception as e:  # noqa: BLE001 - every failure is mapped to the jobs it hit
             oom = is_oom(e)
             if len(jobs) == 1:
@@ -95,7 +101,7 @@ class Executor:
         if oom and torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = len(jobs) // 2
-        return self._run_split(jobs[:half]) + self._run_split(jobs[half:])
+        return self._run_split(jobs[:half], progress) + self._run_split(jobs[half:], progress)
 
     # --- validation (per job, before anything is batched) ----------------------------------
     def validate(self, job: Job) -> None:
@@ -108,19 +114,26 @@ class Executor:
         task.validate(job, self.registry)
 
     # --- the math -----------------------------------------------------------------------
-    def compute(self, jobs: list[Job]) -> list[dict]:
+    def compute(self, jobs: list[Job], progress: BatchProgress | None = None) -> list[dict]:
         """One model call for the whole list (the task collates, runs and splits it). Raises
         on failure."""
+        if progress is not None:
+            progress.begin(jobs)
         job0 = jobs[0]
         task = TASKS[job0.task]
         items = sum(j.size for j in jobs)
         start = time.perf_counter()
         # No padding here: a runner whose backend needs fixed shapes pads to its own buckets
         # (model.backends.bucketing); eager and ONNX on the CPU run the batch as it is.
-        outputs = task.run(self.registry, job0.model, task.collate(jobs))
+        outputs = task.run(self.registry, job0.model, task.collate(jobs), progress)
         elapsed = time.perf_counter() - start
         self._record(task, job0.model, items, elapsed)
-        return task.split(jobs, outputs)
+        results: list = task.split(jobs, outputs)
+        if progress is not None and progress.dropped:
+            for i, job in enumerate(jobs):
+                if job.id in progress.dropped:
+                    results[i] = JobCanceled("cancelled while it ran")
+        return results
 
     def _record(self, task: Task, model: str, items: int, elapsed: float) -> None:
         labels = {"model": model, "task": task.name}
