@@ -72,7 +72,10 @@ class AsyncJobs:
         try:
             result = await self._run(job, use_cache)
             output = await run_in_threadpool(prep.render_json, result)
-            await self.store.transition(job.id, "succeeded", {"output": output})
+            done = {"output": output}
+            if "steps" in job.params:  # a sampling loop: it ran every step
+                done["progress"] = {"step": job.params["steps"], "steps": job.params["steps"]}
+            await self.store.transition(job.id, "succeeded", done)
         except JobCanceled:
             await self.store.transition(job.id, "canceled")
         except JobError as e:

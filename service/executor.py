@@ -127,12 +127,13 @@ class Executor:
         # (model.backends.bucketing); eager and ONNX on the CPU run the batch as it is.
         outputs = task.run(self.registry, job0.model, task.collate(jobs), progress)
         elapsed = time.perf_counter() - start
-        self._record(task, job0.model, items, elapsed)
         results: list = task.split(jobs, outputs)
         if progress is not None and progress.dropped:
             for i, job in enumerate(jobs):
                 if job.id in progress.dropped:
                     results[i] = JobCanceled("cancelled while it ran")
+                    items -= job.size  # its images were never made
+        self._record(task, job0.model, items, elapsed)
         return results
 
     def _record(self, task: Task, model: str, items: int, elapsed: float) -> None:

@@ -71,6 +71,8 @@ def _changes(event: str, data: dict, now: float) -> dict[str, Any]:
     if event == "progress":
         return {"progress": {"step": int(data["step"]), "steps": int(data["steps"])}}
     fields: dict[str, Any] = {"finished_at": now}
+    if "progress" in data:
+        fields["progress"] = data["progress"]
     if "output" in data:
         fields["output"] = data["output"]
     if "error" in data:

@@ -23,8 +23,6 @@ from .job_store import TERMINAL, JobRecord
 from .prepare import no_cache, prepare_json, read_json, validate
 from .schemas import ErrorResponse, JobAccepted, JobRequest, JobResponse
 
-# A comment line this often keeps proxies from closing a quiet stream.
-KEEPALIVE_S = 10.0
 # How long one read of the event log waits before the loop looks again.
 EVENT_POLL_S = 1.0
 
@@ -151,7 +149,7 @@ def install_job_routes(app: FastAPI, svc) -> None:
                 if not events and await store.get(job_id) is None:
                     return  # expired meanwhile
 
-        return EventSourceResponse(stream(), ping=KEEPALIVE_S)
+        return EventSourceResponse(stream(), ping=svc.settings.sse_keepalive_s)
 
     async def cancel(job_id: str):
         await found(job_id)

@@ -144,6 +144,9 @@ class Settings(BaseSettings):
         gt=0,
         description="deadline of an async job (from submission); past it the job fails with 504",
     )
+    sse_keepalive_s: float = Field(
+        10.0, gt=0, description="a comment line this often keeps a quiet event stream open"
+    )
     interactive_burst: int = Field(
         4,
         ge=1,
