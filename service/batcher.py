@@ -254,6 +254,14 @@ class Batcher:
             else:
                 w = oldest + pol.max_wait_s - now
                 first_wait = w if first_wait is None else min(first_wait, w)
+        if any(rank for _, rank, _ in due):
+            # Bulk work is about to take the model for a whole batch: an interactive group
+            # still waiting for company goes now instead of after it.
+            due += [
+                (q[0][0], 0, key)
+                for key, q in self.pending.items()
+                if key[0] == 0 and all(key != d[2] for d in due)
+            ]
         if due:
             return self.lanes.pick(due), None
         return None, first_wait

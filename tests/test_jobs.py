@@ -329,32 +329,43 @@ def plain_server(api_env, tmp_path_factory):
 
 
 def test_interactive_request_is_not_stuck_behind_a_flood_of_batch_jobs(plain_server):
-    """Priority inversion: 80 batch-lane jobs queued (10 full batches), then interactive
-    requests of the same shape: each waits at most for the batch running when it arrives,
-    so its latency stays within 2x of the same request on an idle server."""
+    """Priority inversion: 200 batch-lane jobs queued (25 full batches), then interactive
+    requests of the same shape. Each may wait for the batch running when it arrives, never
+    for the queue: at most that batch and its own finish while it waits (the model's
+    batches are counted, so the check holds on a loaded machine too). The latency against an
+    idle server's is printed; loadtests/lanes.py measures it (BENCHMARKS.md)."""
     server = plain_server
     gen = {"class_labels": [3], "seed": 9, "steps": steps_for(server, 0.4)}
 
-    def interactive() -> float:
+    def batches() -> float:
+        text = httpx.get(f"{server}/metrics").text
+        return metric(text, "softvq_compute_seconds_count", model="sit-tiny", task="generate")
+
+    def interactive() -> tuple[float, float]:
+        before = batches()
         t0 = time.perf_counter()
         r = httpx.post(f"{server}/generate", json=gen, timeout=300)
         assert r.status_code == 200
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, batches() - before
 
-    idle = statistics.median([interactive() for _ in range(5)])
+    idle = [interactive() for _ in range(3)]
     with httpx.Client(base_url=server, timeout=60) as c:
         flood = [
             c.post("/jobs", json={"task": "generate", "input": {**gen, "seed": 100 + i}}).json()[
                 "id"
             ]
-            for i in range(48)
+            for i in range(200)
         ]
-        busy = []
-        for _ in range(5):
-            busy.append(interactive())
+        busy = [interactive() for _ in range(3)]
         left = sum(c.get(f"/jobs/{j}").json()["status"] in ("queued", "running") for j in flood)
         for j in flood:
             c.delete(f"/jobs/{j}")
-    assert left > 8, "the flood drained before the interactive requests: not a test"
-    print(f"idle {idle:.3f}s, under the flood {statistics.median(busy):.3f}s ({busy})")
-    assert statistics.median(busy) <= 2 * idle, (idle, busy)
+    print(f"flood: {left} of {len(flood)} jobs still queued or running at the end")
+    print(f"idle {idle}; under the flood {busy} (seconds, model batches meanwhile)")
+    assert left > 16, "the flood drained before the interactive requests: not a test"
+    # the batch running on arrival + its own (+1: one may end between the metric read and
+    # the request's arrival); without lanes it would wait for 25 batches.
+    assert all(n <= 3 for _, n in busy), busy
+    text = httpx.get(f"{server}/metrics").text
+    assert metric(text, "softvq_lane_queue_wait_seconds_count", lane="interactive") >= 6
+    assert metric(text, "softvq_lane_queue_wait_seconds_count", lane="batch") >= 1
