@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from . import metrics
 from .job_store import ACTIVE, JobRecord, JobStore
-from .jobs import Job, JobCanceled, JobError, JobTimeout
+from .jobs import Job, JobCanceled, JobError, JobTimeout, QueueFull
 
 if TYPE_CHECKING:
     from .prepare import Prepared
@@ -70,7 +70,7 @@ class AsyncJobs:
     async def _execute(self, prep: Prepared, use_cache: bool) -> None:
         job = prep.job
         try:
-            result = await self._run(job, use_cache)
+            result = await self._submit(job, use_cache)
             output = await run_in_threadpool(prep.render_json, result)
             done = {"output": output}
             if "steps" in job.params:  # a sampling loop: it ran every step
@@ -89,6 +89,23 @@ class AsyncJobs:
             log.exception("async job %s failed", job.id)
             error = {"error": "internal_error", "message": f"{type(e).__name__}: {e}"}
             await self.store.transition(job.id, "failed", {"error": error})
+
+    async def _submit(self, job: Job, use_cache: bool) -> dict:
+        """An async job waits its turn: while its model's queue is full (the bound protects
+        the workers, SOFTVQ_QUEUE_MAX) it stays queued here and tries again, until its
+        deadline or a cancel."""
+        delay = 0.05
+        while True:
+            try:
+                return await self._run(job, use_cache)
+            except QueueFull:
+                record = await self.store.get(job.id)
+                if record is None or record.status not in ACTIVE:
+                    raise JobCanceled("cancelled while it waited") from None
+                if time.time() + delay > job.deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
 
     async def _progress(self, jobs: list[Job], step: int, steps: int) -> None:
         for job in jobs:

@@ -146,8 +146,12 @@ def install_job_routes(app: FastAPI, svc) -> None:
                     yield {"id": ev.id, "event": ev.event, "data": json.dumps(data)}
                     if ev.event in TERMINAL:
                         return
-                if not events and await store.get(job_id) is None:
-                    return  # expired meanwhile
+                if not events:
+                    record = await store.get(job_id)
+                    # Expired meanwhile, or resumed after its terminal event (a state and
+                    # its event are written together: nothing more will come).
+                    if record is None or record.status in TERMINAL:
+                        return
 
         return EventSourceResponse(stream(), ping=svc.settings.sse_keepalive_s)
 
