@@ -206,7 +206,7 @@ class Batcher:
 
     def add(self, job: Job) -> None:
         # Lanes never share a batch: an interactive job never waits on bulk items beside it.
-        key = (lane_rank(job), *group_key(job))
+        key = (*group_key(job), lane_rank(job))
         self.pending.setdefault(key, deque()).append((time.monotonic(), job))
 
     def _purge_expired(self) -> None:
@@ -250,7 +250,7 @@ class Batcher:
             pol = self.policy(job)
             cost = sum(job_cost(j) for _, j in q)
             if cost >= pol.max_batch_size or now - oldest >= pol.max_wait_s or self._stopping:
-                due.append((oldest, key[0], key))
+                due.append((oldest, key[-1], key))
             else:
                 w = oldest + pol.max_wait_s - now
                 first_wait = w if first_wait is None else min(first_wait, w)
@@ -260,7 +260,7 @@ class Batcher:
             due += [
                 (q[0][0], 0, key)
                 for key, q in self.pending.items()
-                if key[0] == 0 and all(key != d[2] for d in due)
+                if key[-1] == 0 and all(key != d[2] for d in due)
             ]
         if due:
             return self.lanes.pick(due), None

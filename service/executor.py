@@ -125,7 +125,7 @@ class Executor:
         start = time.perf_counter()
         # No padding here: a runner whose backend needs fixed shapes pads to its own buckets
         # (model.backends.bucketing); eager and ONNX on the CPU run the batch as it is.
-        outputs = task.run(self.registry, job0.model, task.collate(jobs), progress)
+        outputs = task.run_tracked(self.registry, job0.model, task.collate(jobs), progress)
         elapsed = time.perf_counter() - start
         results: list = task.split(jobs, outputs)
         if progress is not None and progress.dropped:

@@ -115,12 +115,16 @@ class Task:
     def collate(self, jobs: list[Job]) -> Any:
         raise NotImplementedError
 
-    def run(
-        self, registry, model: str, inputs: Any, progress: BatchProgress | None = None
-    ) -> dict[str, np.ndarray]:
-        """Outputs over the batch. ``progress``: a sampling loop reports its steps to it and
-        drops the rows of jobs cancelled meanwhile (their outputs are zeros)."""
+    def run(self, registry, model: str, inputs: Any) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def run_tracked(
+        self, registry, model: str, inputs: Any, progress: BatchProgress | None
+    ) -> dict[str, np.ndarray]:
+        """``run`` with a batch's progress: a task with a step loop (generate) reports its
+        steps to it and drops the rows of jobs cancelled meanwhile (their outputs are
+        zeros). Other tasks take a moment and ignore it."""
+        return self.run(registry, model, inputs)
 
     def split(self, jobs: list[Job], outputs: dict[str, np.ndarray]) -> list[dict]:
         results, start = [], 0
@@ -278,8 +282,11 @@ class Generate(GeneratorTask):
             jobs=jobs,
         )
 
-    def run(
-        self, registry, model: str, inputs: GenerateInputs, progress: BatchProgress | None = None
+    def run(self, registry, model: str, inputs: GenerateInputs) -> dict[str, np.ndarray]:
+        return self.run_tracked(registry, model, inputs, None)
+
+    def run_tracked(
+        self, registry, model: str, inputs: GenerateInputs, progress: BatchProgress | None
     ) -> dict[str, np.ndarray]:
         gen = registry.generator(model)
         tok = registry.tokenizer(gen.tokenizer)
