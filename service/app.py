@@ -154,6 +154,7 @@ class Service:
                 metrics.CACHE_HITS.labels(**labels).inc()
                 return hit
         metrics.CACHE_MISSES.labels(**labels).inc()
+        metrics.CACHE_HITS.labels(**labels)  # exported from 0, for the hit ratio's rate()
         result = await self.broker.submit(job)
         await cache.put(key, result)
         return result
