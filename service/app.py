@@ -256,7 +256,9 @@ def image_request_body(schema: type[BaseModel]) -> dict:
     }
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
+ERRORS = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503, 504)
+}
 # The sync endpoints also answer 202 with a job for ``Prefer: respond-async``.
 SYNC_RESPONSES = {
     **ERRORS,

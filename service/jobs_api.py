@@ -74,7 +74,7 @@ def install_job_routes(app: FastAPI, svc) -> None:
         status_code=202,
         response_model=JobAccepted,
         responses={
-            **{c: {"model": ErrorResponse} for c in (400, 401, 404, 409, 413, 422, 429, 503)}
+            **{c: {"model": ErrorResponse} for c in (400, 401, 403, 404, 409, 413, 422, 429, 503)}
         },
         openapi_extra={
             "requestBody": {

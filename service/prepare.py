@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 import model as models
 
 from . import codec
+from .auth import bearer_token
 from .errors import ApiError
 from .jobs import Job
 from .lanes import BATCH, INTERACTIVE
@@ -116,9 +117,19 @@ def no_cache(request: Request) -> bool:
     return "no-cache" in value or "no-store" in value
 
 
-def lane(req, asynchronous: bool) -> str:
-    """The request's lane: its ``priority``, else interactive (sync) / batch (async)."""
-    return req.priority or (BATCH if asynchronous else INTERACTIVE)
+def lane(svc, request: Request, req, asynchronous: bool) -> str:
+    """The request's lane: its ``priority``, else interactive (sync) / batch (async); an API
+    key limited to lanes (``SOFTVQ_API_KEY_LANES``) defaults to its first and is refused
+    (403) any other."""
+    default = BATCH if asynchronous else INTERACTIVE
+    allowed = svc.settings.api_key_lanes.get(bearer_token(request.scope.get("headers", [])))
+    if allowed:
+        if req.priority is not None and req.priority not in allowed:
+            raise ApiError(
+                403, "lane_not_allowed", f"this API key may use the lanes {allowed} only"
+            )
+        default = default if default in allowed else allowed[0]
+    return req.priority or default
 
 
 def deadline(svc, timeout_s: float | None, asynchronous: bool) -> float:
@@ -142,7 +153,7 @@ async def prepare_image_task(
         task,
         {"images": images, "n": len(blobs)},
         deadline=deadline(svc, req.timeout_s, asynchronous),
-        priority=lane(req, asynchronous),
+        priority=lane(svc, request, req, asynchronous),
     )
     if task == "tokenize":
         fmt = req.format
@@ -202,7 +213,7 @@ def prepare_decode(svc, request: Request, body: DecodeRequest, asynchronous: boo
         "decode",
         {"tokens": tokens, "n": tokens.shape[0]},
         deadline=deadline(svc, body.timeout_s, asynchronous),
-        priority=lane(body, asynchronous),
+        priority=lane(svc, request, body, asynchronous),
     )
     return Prepared(
         job,
@@ -220,7 +231,7 @@ def prepare_generate(svc, request: Request, body: GenerateRequest, asynchronous:
         {"labels": labels, "seeds": seeds, "cfg_scale": body.cfg_scale, "n": len(labels)},
         params=params,
         deadline=deadline(svc, body.timeout_s, asynchronous),
-        priority=lane(body, asynchronous),
+        priority=lane(svc, request, body, asynchronous),
     )
     parameters = {**params, "cfg_scale": body.cfg_scale}
     names = [gen.class_names[y] for y in labels] if gen.class_names else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -200,6 +201,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="port of the API")
     metrics_port: int = Field(9100, description="port of a worker's /metrics")
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty = no auth")
+    api_key_lanes: dict[str, list[Literal["interactive", "batch"]]] = Field(
+        default_factory=dict,
+        description=(
+            'API key -> the lanes its jobs may use, e.g. {"bulk-key": ["batch"]}: that key\'s'
+            " requests default to its first lane and asking for another is 403; unlisted keys"
+            " may use both"
+        ),
+    )
     rate_limit_per_s: float = Field(0.0, ge=0, description="per-key request rate (0 = unlimited)")
     rate_limit_burst: int = Field(20, ge=1, description="per-key burst")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins")

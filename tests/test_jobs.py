@@ -369,3 +369,36 @@ def test_interactive_request_is_not_stuck_behind_a_flood_of_batch_jobs(plain_ser
     text = httpx.get(f"{server}/metrics").text
     assert metric(text, "softvq_lane_queue_wait_seconds_count", lane="interactive") >= 6
     assert metric(text, "softvq_lane_queue_wait_seconds_count", lane="batch") >= 1
+
+
+def test_api_keys_limited_to_lanes(api_settings_factory):
+    """SOFTVQ_API_KEY_LANES: a bulk key's sync requests run in the batch lane, asking for the
+    interactive lane is 403; other keys choose freely."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.test_api import wait_ready
+
+    settings = api_settings_factory(
+        api_keys=["bulk", "free"], api_key_lanes={"bulk": ["batch"]}, max_steps=20
+    )
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        bulk = {"Authorization": "Bearer bulk"}
+        free = {"Authorization": "Bearer free"}
+        body = {"seed": 1, "steps": 2}
+        r = c.post("/generate", json={**body, "priority": "interactive"}, headers=bulk)
+        assert r.status_code == 403 and r.json()["error"] == "lane_not_allowed"
+        r = c.post(
+            "/jobs",
+            json={"task": "generate", "input": body, "priority": "interactive"},
+            headers=bulk,
+        )
+        assert r.status_code == 403
+        assert c.post("/generate", json=body, headers=bulk).status_code == 200
+        assert (
+            c.post("/generate", json={**body, "priority": "batch"}, headers=free).status_code == 200
+        )
+        text = c.get("/metrics").text
+        # the bulk key's sync request and the free key's explicit one ran in the batch lane
+        assert metric(text, "softvq_lane_queue_wait_seconds_count", lane="batch") >= 2
