@@ -39,7 +39,7 @@ from . import metrics
 from .executor import Executor, ModelCrashed
 from .jobs import Job, JobCanceled, JobError, JobFailed, JobTimeout
 from .lanes import LanePicker, lane_rank
-from .progress import PROGRESS_EVERY_S, BatchProgress
+from .progress import PREEMPT_POLL_S, PROGRESS_EVERY_S, BatchProgress
 from .settings import Settings
 from .tasks import TASKS, BatchPolicy, group_key, job_cost, resolve_policy
 
@@ -279,7 +279,8 @@ class Batcher:
         return batch
 
     # --- running a batch ------------------------------------------------------------------
-    async def run_batch(self, batch: list[Job]) -> None:
+    async def _admit(self, batch: list[Job]) -> list[Job]:
+        """The jobs of ``batch`` to run: cancelled and expired ones are answered here."""
         now = time.time()
         gone = await self.source.cancelled(batch)
         dropped: list[tuple[Job, Outcome]] = []
@@ -297,25 +298,29 @@ class Batcher:
                 live.append(job)
         if dropped:
             await self.source.finish(dropped)
-        if not live:
-            return
         for job in live:
             metrics.QUEUE_WAIT.labels(model=job.model, task=job.task).observe(
                 max(0.0, now - job.created)
             )
             metrics.LANE_WAIT.labels(lane=job.priority).observe(max(0.0, now - job.created))
+        tracked = [j for j in live if j.tracked]
+        if tracked:
+            await self._report(tracked, 0, 0)
+        return live
+
+    async def run_batch(self, batch: list[Job]) -> None:
+        live = await self._admit(batch)
+        if not live:
+            return
         self.running = live
         busy = metrics.WORKER_BUSY.labels(worker=self.worker_id)
         busy.set(1)
         start = time.perf_counter()
         progress = BatchProgress(live)
-        tracked = [j for j in live if j.tracked]
-        if tracked:
-            await self._report(tracked, 0, 0)
         call = asyncio.get_running_loop().run_in_executor(
             self.pool, self.executor.run, live, progress
         )
-        watch = asyncio.create_task(self._watch(call, progress, tracked))
+        watch = asyncio.create_task(self._watch(call, progress, live))
         try:
             # Nobody waits for the result once every deadline has passed; a call still running
             # a grace period later is hung, not slow.
@@ -326,6 +331,7 @@ class Batcher:
             if not done:
                 self._hung(live, time.perf_counter() - start)
             outcomes = call.result()
+            await watch  # ends with the call; it may still be settling a guest batch
         finally:
             watch.cancel()
             busy.set(0)
@@ -337,14 +343,24 @@ class Batcher:
         self.batches_run += 1
         await self._settle(live, outcomes)
 
-    async def _watch(self, call: asyncio.Future, progress: BatchProgress, tracked: list[Job]):
+    async def _watch(self, call: asyncio.Future, progress: BatchProgress, live: list[Job]):
         """While a batch runs: every PROGRESS_EVERY_S, hand cancellations to its sampling loop
-        (its rows leave at the next step) and report the loop's step for tracked jobs."""
-        last = 0
+        (its rows leave at the next step) and report the loop's step for tracked jobs. While
+        a batch-lane loop samples, also look for interactive work every PREEMPT_POLL_S and
+        hand it to the loop to run between two steps (service/progress.py)."""
+        loop = asyncio.get_running_loop()
+        tracked = [j for j in live if j.tracked]
+        bulk = all(lane_rank(j) for j in live)
+        last, next_report = 0, loop.time() + PROGRESS_EVERY_S
         while not call.done():
-            await asyncio.sleep(PROGRESS_EVERY_S)
+            await asyncio.wait({call}, timeout=PREEMPT_POLL_S if bulk else PROGRESS_EVERY_S)
             if call.done():
                 return
+            if bulk and progress.sampling:
+                await self._preempt(call, progress)
+            if loop.time() < next_report or call.done():
+                continue
+            next_report = loop.time() + PROGRESS_EVERY_S
             try:
                 gone = await self.source.cancelled(progress.jobs)
             except Exception as e:  # noqa: BLE001 - a missed poll only delays a cancel
@@ -353,10 +369,42 @@ class Batcher:
             if gone:
                 progress.cancel(gone)
             step, steps = progress.step, progress.steps
-            live = [j for j in tracked if j.id not in gone and j.id not in progress.dropped]
-            if live and steps and step != last:
+            still = [j for j in tracked if j.id not in gone and j.id not in progress.dropped]
+            if still and steps and step != last:
                 last = step
-                await self._report(live, step, steps)
+                await self._report(still, step, steps)
+
+    async def _preempt(self, call: asyncio.Future, progress: BatchProgress) -> None:
+        """Run waiting interactive work inside the running batch-lane loop, between two of
+        its steps: the interactive request waits one step of the bulk batch, not all of it."""
+        await self._pull(0.0)
+        key = next((k for k in self.pending if k[-1] == 0), None)
+        if key is None:
+            return
+        guest = await self._admit(self._take(key))
+        if not guest:
+            return
+        self.running = self.running + guest  # held: kept alive in Redis while they run
+        start = time.perf_counter()
+        answer = asyncio.wrap_future(progress.offer_guest(guest))
+        await asyncio.wait({answer, call}, return_when=asyncio.FIRST_COMPLETED)
+        if not answer.done():
+            back = progress.take_back()
+            if back is not None:  # the loop ended before its next step: run them next
+                for job in back:
+                    self.add(job)
+                self.running = [j for j in self.running if j not in back]
+                return
+        outcomes = await answer  # claimed by the loop: the call ends only after it
+        self.running = [j for j in self.running if j not in guest]
+        metrics.GUEST_BATCHES.labels(worker=self.worker_id).inc()
+        log.debug(
+            "ran %d interactive jobs inside a batch-lane loop in %.3fs",
+            len(guest),
+            time.perf_counter() - start,
+        )
+        self.batches_run += 1
+        await self._settle(guest, outcomes)
 
     async def _report(self, jobs: list[Job], step: int, steps: int) -> None:
         try:

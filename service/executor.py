@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -59,7 +60,21 @@ class Executor:
         """Jobs of one (model, task, params) -> one outcome per job, in order. Never raises.
 
         ``progress``: a sampling loop reports its steps there, and jobs cancelled on it while
-        they run leave the loop at the next step (outcome JobCanceled)."""
+        they run leave the loop at the next step (outcome JobCanceled); between two steps it
+        may run a guest batch (``run_guest``: interactive work preempting a batch-lane loop).
+        """
+        if progress is not None:
+            progress.guest_runner = self.run_guest
+        return self._run(jobs, progress, lock=True)
+
+    def run_guest(self, jobs: list[Job]) -> list[dict | JobError]:
+        """A batch run from inside another's sampling step, on the model thread that already
+        holds the registry's lock."""
+        return self._run(jobs, None, lock=False)
+
+    def _run(
+        self, jobs: list[Job], progress: BatchProgress | None, lock: bool
+    ) -> list[dict | JobError]:
         outcomes: list[dict | JobError | None] = [None] * len(jobs)
         valid = []
         for i, job in enumerate(jobs):
@@ -69,7 +84,7 @@ class Executor:
             except (InvalidJob, ValueError, KeyError, TypeError) as e:
                 outcomes[i] = e if isinstance(e, InvalidJob) else InvalidJob(_message(e))
         if valid:
-            with self.registry.lock:
+            with self.registry.lock if lock else nullcontext():
                 done = self._run_split([jobs[i] for i in valid], progress)
             for i, out in zip(valid, done, strict=True):
                 outcomes[i] = out

@@ -51,6 +51,11 @@ LANE_WAIT = Histogram(
     ["lane"],
     buckets=LATENCY_BUCKETS,
 )
+GUEST_BATCHES = Counter(
+    "softvq_preempting_batches_total",
+    "Interactive batches run between two steps of a batch-lane sampling loop",
+    ["worker"],
+)
 CACHE_HITS = Counter(
     "softvq_cache_hits_total", "Results answered from the result cache", ["model", "task"]
 )

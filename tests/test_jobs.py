@@ -31,6 +31,8 @@ def server(api_env, tmp_path_factory):
         # Two generate jobs sent back to back share a batch (the cancel test needs that).
         "SOFTVQ_BATCH_POLICY": json.dumps({"generate": {"max_wait_ms": 300}}),
         "SOFTVQ_SSE_KEEPALIVE_S": "1",
+        # one model thread per server: a shared CPU's other load cannot stall its steps
+        "OMP_NUM_THREADS": "1",
     }
     with serve_process(env, tmp_path_factory.mktemp("jobs")) as (base, proc):
         yield base
@@ -207,7 +209,7 @@ def test_cancel_a_queued_job_at_once(server, long_steps):
         r = c.delete(f"/jobs/{queued}")
         assert r.status_code == 200 and r.json()["status"] == "canceled"
         assert c.get(f"/jobs/{blocker}").json()["status"] == "running"  # cancelled at once
-        assert wait_job(server, blocker)["status"] == "succeeded"
+        assert wait_job(server, blocker, timeout=300)["status"] == "succeeded"
         text = c.get("/metrics").text
         # only the blocker's image was made: the cancelled job never ran
         assert (
@@ -323,7 +325,13 @@ def test_cache_hit_answers_fast(server):
 @pytest.fixture(scope="module")
 def plain_server(api_env, tmp_path_factory):
     """Default batching (no extra wait): latency is the model's, not a policy's."""
-    env = {**os.environ, **api_env, "SOFTVQ_MAX_STEPS": "5000", "SOFTVQ_REQUEST_TIMEOUT_S": "300"}
+    env = {
+        **os.environ,
+        **api_env,
+        "SOFTVQ_MAX_STEPS": "5000",
+        "SOFTVQ_REQUEST_TIMEOUT_S": "300",
+        "OMP_NUM_THREADS": "1",
+    }
     with serve_process(env, tmp_path_factory.mktemp("lanes")) as (base, proc):
         yield base
 

@@ -36,6 +36,7 @@ class JobsCluster(Cluster):
     def __init__(self, env: dict, tmp):
         super().__init__(env, tmp)
         self.env["SOFTVQ_MAX_STEPS"] = "200000"  # jobs long enough to watch on a fast CPU
+        self.env["OMP_NUM_THREADS"] = "1"  # a shared CPU's other load cannot stall the steps
 
     def start(self) -> JobsCluster:
         self.metrics_ports["worker1"] = free_port()
