@@ -93,7 +93,7 @@ class Service:
         if not self.embedded:
             from .broker.redis_streams import connect
 
-            self._redis = connect(self.settings.redis_url)
+            self._redis = connect(self.settings.redis_url, max_connections=256)
         self.cache = make_result_cache(self.settings, self._redis)
         self.jobs = AsyncJobs(make_job_store(self.settings, self._redis), self.run, self.broker)
         # The embedded broker warms the models up in the background: /healthz answers at
@@ -121,7 +121,7 @@ class Service:
             if not ok:
                 exit_for_restart(why)
         if self._redis is not None:
-            await self._redis.aclose()
+            await self._redis.aclose(close_connection_pool=True)
 
     # --- helpers of the routes ----------------------------------------------------------
     def tokenizer(self, name: str | None, request: Request):

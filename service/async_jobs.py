@@ -68,6 +68,15 @@ class AsyncJobs:
         return record, created
 
     async def _execute(self, prep: Prepared, use_cache: bool) -> None:
+        try:
+            await self._outcome(prep, use_cache)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the store itself failed (Redis gone)
+            # The record stays active; GET reports it failed (504) after its deadline.
+            log.warning("could not record the outcome of job %s: %s", prep.job.id, e)
+
+    async def _outcome(self, prep: Prepared, use_cache: bool) -> None:
         job = prep.job
         try:
             result = await self._submit(job, use_cache)

@@ -127,7 +127,7 @@ class Keys:
         return f"{self.prefix}:worker:{worker_id}"
 
 
-def connect(url: str) -> aioredis.Redis:
+def connect(url: str, max_connections: int | None = None) -> aioredis.Redis:
     """A client that fails fast when Redis is gone (1 s to connect) but tolerates the short
     blocking reads (<= 1 s) the broker and workers issue.
 
@@ -135,9 +135,12 @@ def connect(url: str) -> aioredis.Redis:
     (`docker compose restart redis`), every pooled connection is dead and would fail its
     next command once -- a 503 for each, long after Redis is back (deploy/smoke/check.py
     found it). With Redis still gone the retry's connect is refused at once, so failing fast
-    is unchanged."""
-    return aioredis.from_url(
-        url,
+    is unchanged.
+
+    ``max_connections``: a pool of that many connections that makes a command wait (up to
+    5 s) for a free one instead of failing at once (the API's job store and cache: many
+    event streams each hold a connection during their short blocking reads)."""
+    options = dict(
         socket_connect_timeout=1.0,
         socket_timeout=5.0,
         retry_on_timeout=False,
@@ -145,6 +148,12 @@ def connect(url: str) -> aioredis.Redis:
         retry_on_error=[RedisConnectionError],
         health_check_interval=10,
     )
+    if max_connections is None:
+        return aioredis.from_url(url, **options)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=5.0, **options
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def ttl_seconds(settings: Settings) -> int:
