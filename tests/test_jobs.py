@@ -410,3 +410,18 @@ def test_api_keys_limited_to_lanes(api_settings_factory):
         text = c.get("/metrics").text
         # the bulk key's sync request and the free key's explicit one ran in the batch lane
         assert metric(text, "softvq_lane_queue_wait_seconds_count", lane="batch") >= 2
+
+
+def test_openapi_documents_the_job_endpoints(server):
+    spec = httpx.get(f"{server}/openapi.json").json()
+    paths = spec["paths"]
+    assert {"post"} <= set(paths["/jobs"])
+    assert {"get", "delete"} <= set(paths["/jobs/{job_id}"])
+    assert "post" in paths["/jobs/{job_id}/cancel"]
+    events = paths["/jobs/{job_id}/events"]["get"]["responses"]["200"]
+    assert "text/event-stream" in events["content"]
+    assert "202" in paths["/jobs"]["post"]["responses"]
+    for sync in ("/generate", "/tokenize", "/reconstruct", "/decode"):
+        assert "202" in paths[sync]["post"]["responses"], sync  # Prefer: respond-async
+    job = spec["components"]["schemas"]["JobResponse"]["properties"]
+    assert {"status", "queue_position", "progress", "output", "error", "urls"} <= set(job)
