@@ -14,7 +14,11 @@ run among those that are due:
   ``burst + 1`` (a share rule, so a steady interactive load cannot starve it).
 
 Jobs of different lanes never share a batch (the lane is part of the batching key), so an
-interactive request never waits for a bulk job's items to be computed beside it. In Redis
+interactive request never waits for a bulk job's items to be computed beside it. An
+interactive group still waiting for company runs at once when bulk work is due. And while a
+batch-lane sampling loop runs, interactive work is run inside it, between two of its steps
+(preemption: service/progress.py, ``Batcher._preempt``), so an interactive request waits
+one bulk step, not a whole bulk batch. In Redis
 mode each lane has its own streams (``{p}:jobs:{model}:{task}`` interactive, the same with
 ``:batch`` appended for the batch lane) and workers read the interactive ones first.
 """
