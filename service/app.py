@@ -32,7 +32,7 @@ from .batcher import exit_for_restart
 from .errors import ApiError
 from .job_store import make_job_store
 from .jobs import Job, JobTimeout
-from .jobs_api import accepted_response, install_job_routes, wants_async
+from .jobs_api import accepted_response, install_job_routes, owner_of, wants_async
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from .prepare import (
     Prepared,
@@ -222,7 +222,7 @@ async def answer(svc: Service, request: Request, prep: Prepared):
     if wants_async(request):
         if not svc.started:
             raise ApiError(503, "not_ready", "service is starting", {"Retry-After": "1"})
-        record, _ = await svc.jobs.accept(prep, use_cache)
+        record, _ = await svc.jobs.accept(prep, use_cache, owner_of(request, svc.settings))
         return accepted_response(record)
     result = await svc.submit(request, prep.job, use_cache)
     if prep.render_png is not None and wants_png(request):

@@ -46,7 +46,9 @@ class AsyncJobs:
         self._tasks: dict[str, asyncio.Task] = {}
         broker.on_progress = self._progress
 
-    async def accept(self, prep: Prepared, use_cache: bool = True) -> tuple[JobRecord, bool]:
+    async def accept(
+        self, prep: Prepared, use_cache: bool = True, owner: str | None = None
+    ) -> tuple[JobRecord, bool]:
         """Store the job's record and start it -> (record, created). An id already known
         (client-chosen ids make POST idempotent) returns that job and starts nothing."""
         job = prep.job
@@ -58,6 +60,7 @@ class AsyncJobs:
             priority=job.priority,
             created_at=time.time(),
             deadline=job.deadline,
+            owner=owner,
         )
         record, created = await self.store.create(record)
         if created:

@@ -55,6 +55,7 @@ class JobRecord(BaseModel):
     output: dict[str, Any] | None = None  # the sync endpoint's JSON body
     error: dict[str, str] | None = None  # {error, message}
     deadline: float = 0.0  # epoch seconds; the job fails with 504 past it
+    owner: str | None = None  # hash of the API key that submitted it (None without keys)
 
 
 @dataclass
@@ -220,7 +221,7 @@ end
 return 1
 """
 
-META = ("id", "task", "model", "priority", "created_at", "deadline")
+META = ("id", "task", "model", "priority", "created_at", "deadline", "owner")
 
 
 def _s(x) -> str:

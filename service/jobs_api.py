@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
+from .auth import bearer_token, caller_id
 from .errors import ApiError
 from .job_store import TERMINAL, JobRecord
 from .prepare import no_cache, prepare_json, read_json, validate
@@ -43,6 +44,14 @@ def urls(job_id: str) -> dict[str, str]:
     }
 
 
+def owner_of(request: Request, settings) -> str | None:
+    """Who may see a job: the hash of the request's API key (None when keys are off). Jobs
+    of one key are invisible (404) to the others."""
+    if not settings.api_keys:
+        return None
+    return caller_id(bearer_token(request.scope.get("headers", [])), None)
+
+
 def accepted_response(record: JobRecord) -> JSONResponse:
     body = {"id": record.id, "status": record.status, "urls": urls(record.id)}
     return JSONResponse(
@@ -54,18 +63,18 @@ def accepted_response(record: JobRecord) -> JSONResponse:
 
 def install_job_routes(app: FastAPI, svc) -> None:
     async def view(record: JobRecord) -> dict:
-        body = record.model_dump(exclude={"deadline"})
+        body = record.model_dump(exclude={"deadline", "owner"})
         body["queue_position"] = (
             await svc.broker.queue_position(record.id) if record.status == "queued" else None
         )
         body["urls"] = urls(record.id)
         return body
 
-    async def found(job_id: str) -> JobRecord:
+    async def found(job_id: str, request: Request) -> JobRecord:
         if svc.jobs is None:
             raise ApiError(503, "not_ready", "service is starting", {"Retry-After": "1"})
         record = await svc.jobs.get(job_id)
-        if record is None:
+        if record is None or record.owner != owner_of(request, svc.settings):
             raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired)")
         return record
 
@@ -90,10 +99,11 @@ def install_job_routes(app: FastAPI, svc) -> None:
         if not svc.started:
             raise ApiError(503, "not_ready", "service is starting", {"Retry-After": "1"})
         req = validate(JobRequest, await read_json(request))
+        owner = owner_of(request, svc.settings)
         if req.id is not None:
             existing = await svc.jobs.get(req.id)
             if existing is not None:
-                if existing.task != req.task:
+                if existing.task != req.task or existing.owner != owner:
                     raise ApiError(
                         409, "id_in_use", f"job {req.id!r} exists for task {existing.task!r}"
                     )
@@ -104,15 +114,15 @@ def install_job_routes(app: FastAPI, svc) -> None:
         prep = await prepare_json(svc, request, req.task, data, asynchronous=True)
         if req.id is not None:
             prep.job.id = req.id
-        record, _ = await svc.jobs.accept(prep, use_cache=not no_cache(request))
+        record, _ = await svc.jobs.accept(prep, use_cache=not no_cache(request), owner=owner)
         return accepted_response(record)
 
     @app.get("/jobs/{job_id}", response_model=JobResponse, responses=NOT_FOUND)
-    async def get_job(job_id: str):
+    async def get_job(job_id: str, request: Request):
         """The job: status, queue position while queued, progress {step, steps} while a
         generation samples, and ``output`` (the sync endpoint's body) once succeeded or
         ``error`` once failed. Kept ``SOFTVQ_JOB_TTL_S`` after it ends."""
-        return await view(await found(job_id))
+        return await view(await found(job_id, request))
 
     @app.get(
         "/jobs/{job_id}/events",
@@ -129,7 +139,7 @@ def install_job_routes(app: FastAPI, svc) -> None:
     )
     async def job_events(job_id: str, request: Request):
         """Server-Sent Events of the job, from its start (or after ``Last-Event-ID``)."""
-        await found(job_id)
+        await found(job_id, request)
         after = request.headers.get("last-event-id") or request.query_params.get("after")
         store = svc.jobs.store
 
@@ -139,10 +149,10 @@ def install_job_routes(app: FastAPI, svc) -> None:
                 events = await store.events(job_id, last, EVENT_POLL_S)
                 for ev in events:
                     last = ev.id
-                    data = ev.data
+                    # internal fields (a record's deadline and owner) stay inside
+                    data = {k: v for k, v in ev.data.items() if k not in ("deadline", "owner")}
                     if ev.event in TERMINAL:
-                        data = {**data, "urls": urls(job_id)}
-                        data.pop("deadline", None)
+                        data["urls"] = urls(job_id)
                     yield {"id": ev.id, "event": ev.event, "data": json.dumps(data)}
                     if ev.event in TERMINAL:
                         return
@@ -155,20 +165,20 @@ def install_job_routes(app: FastAPI, svc) -> None:
 
         return EventSourceResponse(stream(), ping=svc.settings.sse_keepalive_s)
 
-    async def cancel(job_id: str):
-        await found(job_id)
+    async def cancel(job_id: str, request: Request):
+        await found(job_id, request)
         record = await svc.jobs.cancel(job_id)
         if record is None:
             raise ApiError(404, "not_found", f"no job {job_id!r} (unknown, or expired)")
         return await view(record)
 
     @app.delete("/jobs/{job_id}", response_model=JobResponse, responses=NOT_FOUND)
-    async def cancel_job(job_id: str):
+    async def cancel_job(job_id: str, request: Request):
         """Cancel: a queued job at once, a running generation at its next sampling step (the
         other jobs of its batch go on). A finished job is returned unchanged."""
-        return await cancel(job_id)
+        return await cancel(job_id, request)
 
     @app.post("/jobs/{job_id}/cancel", response_model=JobResponse, responses=NOT_FOUND)
-    async def cancel_job_post(job_id: str):
+    async def cancel_job_post(job_id: str, request: Request):
         """The same as DELETE /jobs/{id}, for clients that cannot send DELETE."""
-        return await cancel(job_id)
+        return await cancel(job_id, request)

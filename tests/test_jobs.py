@@ -425,3 +425,28 @@ def test_openapi_documents_the_job_endpoints(server):
         assert "202" in paths[sync]["post"]["responses"], sync  # Prefer: respond-async
     job = spec["components"]["schemas"]["JobResponse"]["properties"]
     assert {"status", "queue_position", "progress", "output", "error", "urls"} <= set(job)
+
+
+def test_a_job_is_visible_only_to_the_api_key_that_submitted_it(api_env, tmp_path_factory):
+    env = {
+        **os.environ,
+        **api_env,
+        "SOFTVQ_API_KEYS": json.dumps(["alice", "bob"]),
+        "OMP_NUM_THREADS": "1",
+    }
+    alice = {"Authorization": "Bearer alice"}
+    bob = {"Authorization": "Bearer bob"}
+    with serve_process(env, tmp_path_factory.mktemp("owners")) as (base, _):
+        with httpx.Client(base_url=base, timeout=60) as c:
+            body = {"task": "generate", "input": {"seed": 1, "steps": 2}, "id": "shared-name"}
+            assert c.post("/jobs", json=body).status_code == 401
+            job = c.post("/jobs", json=body, headers=alice).json()["id"]
+            assert wait_until(
+                lambda: c.get(f"/jobs/{job}", headers=alice).json()["status"] == "succeeded"
+            )
+            assert "owner" not in c.get(f"/jobs/{job}", headers=alice).json()
+            for call in (c.get, c.delete):
+                assert call(f"/jobs/{job}", headers=bob).status_code == 404
+            assert c.get(f"/jobs/{job}/events", headers=bob).status_code == 404
+            # bob cannot take over (or learn the output of) alice's id
+            assert c.post("/jobs", json=body, headers=bob).status_code == 409
