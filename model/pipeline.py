@@ -42,7 +42,8 @@ def sample_latents(
     path: str = "linear",
     cuda_graphs: bool = False,
 ) -> torch.Tensor:
-    """Normalised latents (B, L, D) in float32, each drawn from its own seed.
+    """Normalised latents (B, L, D) (2-D models: (B, C, H, W)) in float32, each drawn from
+    its own seed.
 
     ``cuda_graphs``: on CUDA with an eager runner, replay the whole Euler / Heun step loop as
     one CUDA graph (``model.fast_sampling``); everywhere else it changes nothing."""
@@ -50,7 +51,8 @@ def sample_latents(
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if len(seeds) != labels.shape[0]:
         raise ValueError(f"{len(seeds)} seeds for {labels.shape[0]} labels")
-    noise, generators = seeded_noise(seeds, (gen.num_tokens, gen.token_dim), device)
+    shape = gen.input_shape() if hasattr(gen, "input_shape") else gen.latent_shape
+    noise, generators = seeded_noise(seeds, tuple(shape), device)
     if not isinstance(cfg_scale, (int, float)):
         cfg_scale = torch.as_tensor(cfg_scale, dtype=torch.float64)
     cfg = cfg_scale if isinstance(cfg_scale, (int, float)) else cfg_scale.to(device)
