@@ -525,6 +525,10 @@ class ModelRegistry:
         for kind, entries in (("tokenizer", self.tokenizers), ("generator", self.generators)):
             for e in entries.values():
                 self._export_info_one(kind, e)
+        for g in self.generators.values():
+            metrics.GENERATOR_FAMILY.labels(
+                model=g.name, family=g.family, speed_reference=str(g.speed_reference).lower()
+            ).set(1)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
