@@ -94,11 +94,17 @@ def infer_sit_config(state: dict[str, torch.Tensor]) -> GeneratorConfig:
         out = state["final_layer.linear.weight"].shape[0]
         mlp = state["blocks.0.mlp.fc1.weight"].shape[0]
     except KeyError as e:
-        raise CheckpointError(f"not a SiT/DiT 2-D state dict (no {e.args[0]}) and no config.json")
+        raise CheckpointError(
+            f"not a SiT/DiT 2-D state dict (no {e.args[0]}) and no config.json"
+        ) from e
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     heads = {(d, h): n for d, h, n in SIT_SIZES.values()}.get((depth, hidden))
     grid = math.isqrt(positions)
-    if heads is None or grid * grid != positions or out not in (p * p * channels * k for k in (1, 2)):
+    if (
+        heads is None
+        or grid * grid != positions
+        or out not in (p * p * channels * k for k in (1, 2))
+    ):
         raise CheckpointError(
             f"a SiT state dict of depth {depth}, hidden {hidden}, {positions} positions and"
             f" {out} outputs is not a published size: give it a config.json"

@@ -44,9 +44,7 @@ def cmd_serve(args) -> int:
 
     from .app import create_app
 
-    settings = _settings(
-        host=args.host, port=args.port, redis_url=args.redis, compare=args.compare
-    )
+    settings = _settings(host=args.host, port=args.port, redis_url=args.redis, compare=args.compare)
     _check_models(settings)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     app = create_app(settings)

@@ -41,7 +41,9 @@ def compare_models(kind: str, cache_dir: str | None) -> CompareModels:
     sizes = SIZES[kind]
     tokenizers, generators = {}, {}
     for L in (32, 64):
-        tokenizers[f"ref-softvq-{L}"] = str(_materialise(root / f"softvq-{L}", _tokenizer(sizes, L)))
+        tokenizers[f"ref-softvq-{L}"] = str(
+            _materialise(root / f"softvq-{L}", _tokenizer(sizes, L))
+        )
         generators[f"ref-sit-1d-{L}"] = (
             str(_materialise(root / f"sit-1d-{L}", _sit_1d(sizes, L))),
             f"ref-softvq-{L}",

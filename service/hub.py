@@ -30,9 +30,7 @@ def parse_hub_path(path: str) -> tuple[str, str | None, str | None]:
     """-> (repo id, revision or None, path inside the repo or None)."""
     m = _HUB.match(path)
     if not m or ".." in (m["sub"] or "").split("/"):
-        raise ValueError(
-            f"{path!r}: a Hub model path is hf://OWNER/REPO[@REVISION][/PATH/IN/REPO]"
-        )
+        raise ValueError(f"{path!r}: a Hub model path is hf://OWNER/REPO[@REVISION][/PATH/IN/REPO]")
     return m["repo"], m["rev"], m["sub"]
 
 
@@ -47,9 +45,7 @@ def resolve_hub_path(path: str) -> Path:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError as e:
-        raise ImportError(
-            f'{path}: Hub paths need huggingface_hub: pip install -e ".[hub]"'
-        ) from e
+        raise ImportError(f'{path}: Hub paths need huggingface_hub: pip install -e ".[hub]"') from e
     repo, revision, sub = parse_hub_path(path)
     if sub and sub.endswith(".pt"):
         patterns = [sub]

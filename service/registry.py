@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,9 @@ class VAEEntry:
     scaling_factor: float
     runner: Any = None  # EagerVAERunner; None when weights are not loaded
     model: Any = None
-    latent_sides: set[int] = field(default_factory=set)  # of the generators it decodes for
+    latent_sides: set[int] = dataclass_field(
+        default_factory=set
+    )  # of the generators it decodes for
 
     # The generate task de-normalises every decoder's latents as x * vq_std + vq_mean.
     @property

@@ -321,7 +321,7 @@ def build() -> dict:
         f"sum by (model) (rate(softvq_images_processed_total{{{gen}}}[5m]))"
     )
     baseline = (
-        f'avg(({per_image}) * on (model) group_left () max by (model) '
+        f"avg(({per_image}) * on (model) group_left () max by (model) "
         f'(softvq_generator_family{{family="latent-2d"}}))'
     )
     L.add(
