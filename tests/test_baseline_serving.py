@@ -148,3 +148,26 @@ def test_compare_profile_generates_with_all_three_and_exports_the_families(serve
     for name in ("ref-sit-1d-32", "ref-sit-2d-256"):
         assert metric(text, "softvq_images_processed_total", model=name, task="generate") >= 2
         assert metric(text, "softvq_compute_seconds_sum", model=name, task="generate") > 0
+
+
+def test_loadtests_compare_reads_the_speedup_off_the_served_metrics(server, tmp_path, capsys):
+    """loadtests.compare end to end on the compare profile (a few seconds, 1 step): every
+    generator driven, its images and model seconds read from /metrics, ratios to the 2-D
+    baseline written. The numbers themselves are not checked (speed is benchmarked)."""
+    from loadtests import compare
+
+    out = tmp_path / "compare"
+    argv = ["--url", server, "--duration", "2", "--rounds", "1", "--concurrency", "2"]
+    assert compare.main([*argv, "--steps", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert report["baseline"] == "ref-sit-2d-256"
+    res = report["results"]
+    assert set(res) == {"ref-sit-1d-32", "ref-sit-1d-64", "ref-sit-2d-256"}
+    for r in res.values():
+        assert r["images"] > 0 and r["images_per_s"] > 0 and r["model_s_per_image"] > 0
+        assert r["requests_ok"] > 0 and not r["errors"]
+    assert res["ref-sit-2d-256"]["model_time_speedup_vs_2d"] == pytest.approx(1.0)
+    assert res["ref-sit-2d-256"]["throughput_ratio_vs_2d"] == pytest.approx(1.0)
+    md = (out / "compare.md").read_text()
+    assert "| ref-sit-1d-32 |" in md and md in capsys.readouterr().out
+    assert report["meta"]["command"].startswith("python -m loadtests.compare --url")
