@@ -38,6 +38,15 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def cache_dir() -> str | None:
+    """HF_HUB_CACHE, else HF_HOME/hub, read now (huggingface_hub reads them once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
 def resolve_hub_path(path: str) -> Path:
     """The local path of a Hub model: downloaded into the cache if missing (online), or
     found there (``HF_HUB_OFFLINE=1``). Raises ValueError naming what is missing."""
@@ -53,7 +62,11 @@ def resolve_hub_path(path: str) -> Path:
         patterns = [f"{sub}/{p}" if sub else p for p in _PATTERNS]
     try:
         root = snapshot_download(
-            repo, revision=revision, allow_patterns=patterns, local_files_only=offline()
+            repo,
+            revision=revision,
+            allow_patterns=patterns,
+            cache_dir=cache_dir(),
+            local_files_only=offline(),
         )
     except LocalEntryNotFoundError as e:
         raise ValueError(
