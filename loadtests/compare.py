@@ -10,8 +10,10 @@ Each generator gets, in turn, ``--concurrency`` closed-loop clients sending the 
 (``--images`` per request, ``--steps``, ``--cfg-scale``, the server's batch limits) for
 ``--duration`` seconds, split into ``--rounds`` round-robin phases so that every generator
 sees the same drift of a shared machine's load. Around each phase /metrics (``--metrics-url``,
-repeatable: the workers' in Redis mode; default URL/metrics) is read: generated images and
-model (compute) seconds of that generator over the phase. It prints and writes
+repeatable: the workers' in Redis mode; default URL/metrics), or a Prometheus that scrapes
+them (``--prometheus URL``: each reading waits ``--settle`` seconds, more than one scrape
+interval, so the counters hold the whole phase) is read: generated images and model
+(compute) seconds of that generator over the phase. It prints and writes
 (``--out``: compare.json + compare.md) per generator images/s, model seconds per image,
 request latency and errors, and the ratios of each to the baseline.
 """
@@ -36,16 +38,29 @@ SAMPLE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
+COUNTERS = ("softvq_images_processed_total", "softvq_compute_seconds_sum")
+
+
+def query_prometheus(base: str, settle_s: float) -> dict[tuple[str, str], float]:
+    """The same sums from a Prometheus's last scrapes (after ``settle_s``)."""
+    time.sleep(settle_s)
+    out: dict[tuple[str, str], float] = defaultdict(float)
+    for name in COUNTERS:
+        q = f'sum by (model) ({name}{{task="generate"}})'
+        r = httpx.get(f"{base.rstrip('/')}/api/v1/query", params={"query": q}, timeout=30)
+        r.raise_for_status()
+        for item in r.json()["data"]["result"]:
+            out[(name, item["metric"]["model"])] = float(item["value"][1])
+    return out
+
+
 def scrape(urls: list[str]) -> dict[tuple[str, str], float]:
     """(metric, model) -> value summed over every process, for the generate task."""
     out: dict[tuple[str, str], float] = defaultdict(float)
     for url in urls:
         for line in httpx.get(url, timeout=30).text.splitlines():
             m = SAMPLE.match(line)
-            if not m or m.group(1) not in (
-                "softvq_images_processed_total",
-                "softvq_compute_seconds_sum",
-            ):
+            if not m or m.group(1) not in COUNTERS:
                 continue
             labels = dict(LABEL.findall(m.group(2)))
             if labels.get("task") == "generate":
@@ -117,6 +132,12 @@ def pick_models(url: str, wanted: list[str] | None) -> tuple[list[str], str, dic
 def run(args) -> dict:
     url = args.url.rstrip("/")
     metrics_urls = args.metrics_url or [f"{url}/metrics"]
+
+    def read() -> dict[tuple[str, str], float]:
+        if args.prometheus:
+            return query_prometheus(args.prometheus, args.settle)
+        return scrape(metrics_urls)
+
     names, baseline, gens = pick_models(url, args.models)
     per = {n: {"wall_s": 0.0, "images": 0, "latencies": [], "errors": defaultdict(int),
                "metric_images": 0.0, "model_s": 0.0} for n in names}  # fmt: skip
@@ -125,9 +146,9 @@ def run(args) -> dict:
         asyncio.run(drive(url, n, min(2.0, phase_s), _one_client(args), seed0=0))
     for rnd in range(args.rounds):
         for n in names:
-            before = scrape(metrics_urls)
+            before = read()
             got = asyncio.run(drive(url, n, phase_s, args, seed0=rnd * 10_000_000))
-            after = scrape(metrics_urls)
+            after = read()
             p = per[n]
             p["wall_s"] += got["wall_s"]
             p["images"] += got["images"]
@@ -237,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated generators (default: the speed references)")  # fmt: skip
     p.add_argument("--metrics-url", action="append",
                    help="a /metrics to read (repeat per worker in Redis mode)")  # fmt: skip
+    p.add_argument("--prometheus", help="read the counters from this Prometheus instead")
+    p.add_argument("--settle", type=float, default=20.0,
+                   help="with --prometheus: seconds to wait before each reading")  # fmt: skip
     p.add_argument("--out", help="directory for compare.json and compare.md")
     args = p.parse_args(argv)
     args.command = "python -m loadtests.compare " + shlex.join(

@@ -21,6 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BASELINE = "ref-sit-2d-256"
+# Generator -> the tokenizer or SD-VAE that decodes it (the streams deploy files scale on).
+REFERENCE_GENERATORS = {
+    "ref-sit-1d-32": "ref-softvq-32",
+    "ref-sit-1d-64": "ref-softvq-64",
+    BASELINE: "ref-sd-vae",
+}
 
 
 @dataclass

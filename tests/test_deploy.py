@@ -959,6 +959,46 @@ def test_k8s_services_and_disruption_budgets_select_real_pods():
     assert args[args.index("--appendonly") + 1] == "yes"
 
 
+def test_compare_profile_overrides_of_compose_and_k8s():
+    """deploy/compose.compare.yml and the deploy/k8s-compare overlay turn the compare profile
+    on with valid settings, and KEDA scales on the three generators' streams."""
+    from service.broker.redis_streams import Keys
+    from service.compare import REFERENCE_GENERATORS
+    from service.settings import Settings
+
+    override = load_yaml(DEPLOY / "compose.compare.yml")["services"]
+    assert set(override) == {"api", "worker"}
+    for svc in override.values():
+        env = {
+            k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in svc["environment"].items()
+        }
+        assert set(env) <= settings_env_names()
+        s = Settings(**{k.removeprefix("SOFTVQ_").lower(): v for k, v in env.items()})
+        assert s.compare == "gpu" and s.default_generator in REFERENCE_GENERATORS
+
+    overlay = DEPLOY / "k8s-compare"
+    kust = load_yaml(overlay / "kustomization.yaml")
+    assert kust["resources"] == ["../k8s"]
+    cm = load_yaml(overlay / "configmap-compare.yaml")
+    assert cm["metadata"]["name"] == "softvq-config"
+    data = {**k8s_find("ConfigMap", "softvq-config")["data"], **cm["data"]}
+    assert set(data) <= settings_env_names()
+    s = Settings(**{k.removeprefix("SOFTVQ_").lower(): v for k, v in data.items()})
+    assert s.compare == "gpu" and s.cache_dir.startswith("/tmp/")  # pods' writable emptyDir
+    patch = yaml.safe_load((overlay / "keda-compare.yaml").read_text())
+    keys = Keys(Settings().stream_prefix)
+    assert {p["value"]["metadata"]["stream"] for p in patch} == {
+        keys.stream(g, "generate") for g in REFERENCE_GENERATORS
+    }
+    assert all(p["op"] == "add" and p["path"] == "/spec/triggers/-" for p in patch)
+    if shutil.which("kubectl"):
+        r = subprocess.run(
+            ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0, r.stderr
+        assert "SOFTVQ_COMPARE: gpu" in r.stdout
+
+
 def configured_streams() -> set[tuple[str, str]]:
     """(model, task) of every stream the ConfigMap's models use (the demo ones when unset)."""
     from model import demo
