@@ -38,9 +38,8 @@ def root(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def server(api_env, root, tmp_path_factory):
-    env = {
+def baseline_env(api_env, root) -> dict[str, str]:
+    return {
         **os.environ,
         **api_env,
         "SOFTVQ_MODEL_ROOT": str(root),
@@ -54,10 +53,17 @@ def server(api_env, root, tmp_path_factory):
         ),
         "SOFTVQ_DEFAULT_TOKENIZER": "tiny",
         "SOFTVQ_DEFAULT_GENERATOR": "sit-tiny",
-        "SOFTVQ_COMPARE": "cpu",
-        "SOFTVQ_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
         "SOFTVQ_BATCH_BUCKETS": "[1, 2]",
         "SOFTVQ_MAX_BATCH_SIZE": "4",
+    }
+
+
+@pytest.fixture(scope="module")
+def server(api_env, root, tmp_path_factory):
+    env = {
+        **baseline_env(api_env, root),
+        "SOFTVQ_COMPARE": "cpu",
+        "SOFTVQ_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
     }
     with serve_process(env, tmp_path_factory.mktemp("serve")) as (base, _):
         yield base
@@ -65,6 +71,16 @@ def server(api_env, root, tmp_path_factory):
 
 def decode_png(b64: str) -> np.ndarray:
     return decode_png_bytes(base64.b64decode(b64))
+
+
+def reference_images(root: Path, labels, seeds, steps) -> np.ndarray:
+    """SiT/2 sampled by model.sample (through the t -> 1 - t flip), decoded by AutoencoderKL
+    after dividing by the scaling factor, in this process."""
+    gen = model.load_generator(root / "sit2d")
+    vae = load_sd_vae(root / "vae")
+    with torch.no_grad():
+        z = sample_latents(gen, labels, seeds, steps=steps)
+        return tensor_to_uint8(vae.decode(z / vae.scaling_factor))
 
 
 def generate(base: str, **body) -> httpx.Response:
@@ -110,11 +126,7 @@ def test_generate_on_the_baseline_is_the_reference_math(server, root):
     served = np.stack([decode_png(b) for b in body["images"]])
     assert served.shape == (2, 64, 64, 3)
 
-    gen = model.load_generator(root / "sit2d")
-    vae = load_sd_vae(root / "vae")
-    with torch.no_grad():
-        z = sample_latents(gen, [3, 7], [5, 6], steps=3)
-        want = tensor_to_uint8(vae.decode(z / vae.scaling_factor))
+    want = reference_images(root, [3, 7], [5, 6], steps=3)
     assert np.abs(served.astype(int) - want.astype(int)).max() <= 1
 
     # an image does not depend on its batch: seed 6 alone is the second image above
@@ -171,3 +183,42 @@ def test_loadtests_compare_reads_the_speedup_off_the_served_metrics(server, tmp_
     md = (out / "compare.md").read_text()
     assert "| ref-sit-1d-32 |" in md and md in capsys.readouterr().out
     assert report["meta"]["command"].startswith("python -m loadtests.compare --url")
+
+
+@pytest.mark.redis
+def test_the_baseline_runs_through_redis_workers(api_env, root, redis_server, tmp_path):
+    """Redis mode: the API (shapes only: it reads the SD-VAE's config.json, loads no weights)
+    queues the 2-D job, a ``softvq worker`` runs SiT/2 + the SD-VAE and answers."""
+    import subprocess
+
+    from tests.redis_server import free_port
+    from tests.test_serve_uvicorn import softvq_command
+
+    env = {**baseline_env(api_env, root), "SOFTVQ_REDIS_URL": redis_server.url}
+    mport = free_port()
+    log = open(tmp_path / "worker.log", "w+")
+    worker = subprocess.Popen(
+        [*softvq_command(), "worker", "--metrics-port", str(mport), "--log-level", "warning"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with serve_process(env, tmp_path) as (base, _):  # ready = a live worker
+            r = generate(base, model="sit2d-tiny", class_labels=[1], seeds=[9], steps=2)
+            assert r.status_code == 200, r.text
+            got = decode_png(r.json()["images"][0])
+            want = reference_images(root, [1], [9], steps=2)[0]
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+            info = httpx.get(f"{base}/models", timeout=10).json()
+            (b,) = [g for g in info["generators"] if g["name"] == "sit2d-tiny"]
+            assert b["workers"] == 1 and b["family"] == "latent-2d"
+            text = httpx.get(f"http://127.0.0.1:{mport}/metrics", timeout=10).text
+            labels = {"model": "sit2d-tiny", "task": "generate"}
+            assert metric(text, "softvq_images_processed_total", **labels) == 1
+    finally:
+        worker.kill()
+        worker.wait(10)
+        log.seek(0)
+        print(log.read()[-3000:])
+        log.close()
