@@ -148,3 +148,16 @@ def test_sd_vae_directory_round_trip(tmp_path):
     with torch.no_grad():
         assert loaded.decode(z).shape == (2, 3, 32, 32)
         assert max_err(loaded.decode(z), vae.decode(z)) < 1e-6
+
+
+def test_exported_backend_keeps_the_flip(gen, io, tmp_path):
+    """The ONNX export of a noise-at-0 SiT/2 carries the t -> 1 - t flip and the velocity
+    slice (what the service's auto backend may swap in)."""
+    pytest.importorskip("onnxruntime")
+    from model.backends import make_generator_runner
+
+    runner = make_generator_runner(gen, "onnx", buckets=[1, 4], cache_dir=tmp_path)
+    runner.warmup()
+    x, t, y = io["x"], io["t"], io["y"]
+    with torch.no_grad():
+        assert max_err(runner(x, 1 - t, y), -io["velocity"]) < TOL
