@@ -17,6 +17,7 @@ import base64
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -1121,6 +1122,10 @@ def one_request_of_each_kind(base: str) -> None:
             f"{base}/generate", {"model": gen, "num_images": 2, "seed": 3, "steps": 2}
         )
         assert status == 200, body
+    status, body = http(
+        f"{base}/generate", {"model": "sit2d-tiny", "num_images": 2, "seed": 3, "steps": 2}
+    )
+    assert status == 200, body
     status, body = http(f"{base}/generate", {"model": "sit-tiny", "steps": 0})
     assert status == 422 and json.loads(body)["error"], body
 
@@ -1187,18 +1192,37 @@ def check_scrape(exported: dict[str, set[str]], samples: dict[str, list[dict]]) 
     assert {"200", "422"} <= statuses
     # the alert rules' endpoint matchers split the endpoints as intended
     assert [e for e in endpoints if re.fullmatch(".*generate.*", e)] == ["/generate"]
-    assert {s["model"] for s in samples["softvq_model_info"]} == {
-        "tiny",
-        "tiny16",
-        "sit-tiny",
-        "sit-tiny16",
+    assert {s["model"] for s in samples["softvq_model_info"]} == TINY_MODELS
+    families = {(s["model"], s["family"]) for s in samples["softvq_generator_family"]}
+    assert families == {
+        ("sit-tiny", "softvq"),
+        ("sit-tiny16", "softvq"),
+        ("sit2d-tiny", "latent-2d"),
     }
     assert samples["softvq_worker_busy_seconds_total"] and samples["softvq_queue_depth"]
 
 
+TINY_MODELS = {"tiny", "tiny16", "sit-tiny", "sit-tiny16", "sit2d-tiny"}
+
+
 @pytest.fixture(scope="module")
-def tiny_env(api_env):
-    return {**api_env, "SOFTVQ_HOST": "127.0.0.1"}
+def tiny_env(api_env, api_model_root):
+    """The tiny models, plus the 2-D baseline (the official SiT/2 layout + a tiny SD-VAE), so
+    the speedup rules and panels have a denominator."""
+    from model.sd_vae import random_sd_vae, save_sd_vae
+
+    root = Path(api_model_root)
+    if not (root / "sit2d-tiny").exists():
+        shutil.copytree(ROOT / "tests/fixtures/official-tiny/sit2d", root / "sit2d-tiny")
+        save_sd_vae(random_sd_vae(0.0625, 1, sample_size=64), root / "sd-vae-tiny")
+    gens = json.loads(api_env["SOFTVQ_GENERATORS"])
+    gens["sit2d-tiny"] = {"path": "sit2d-tiny", "tokenizer": "sd-vae-tiny"}
+    return {
+        **api_env,
+        "SOFTVQ_HOST": "127.0.0.1",
+        "SOFTVQ_VAES": json.dumps({"sd-vae-tiny": "sd-vae-tiny"}),
+        "SOFTVQ_GENERATORS": json.dumps(gens),
+    }
 
 
 def test_image_cmd_serves_healthcheck_and_every_queried_metric(tiny_env):
@@ -1324,9 +1348,6 @@ MAY_BE_EMPTY = (
     "softvq_jobs_failed_total",
     "softvq_job_retries_total",
     "softvq_gpu_memory_bytes",
-    # the miniature stack serves no 2-D baseline: the speedup has no denominator (the rules'
-    # arithmetic is checked by deploy/prometheus/recording_test.yml)
-    'softvq_generator_family{family="latent-2d"}',
 )
 
 
@@ -1345,7 +1366,7 @@ def test_real_prometheus_evaluates_every_dashboard_query_and_alert(compose_topol
     error, and every dashboard query returns series (except the ones about errors)."""
     config = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-    config["rule_files"] = [str(ALERTS)]
+    config["rule_files"] = [str(ALERTS), str(RECORDING)]
     targets = {"softvq-api": compose_topology["api"], "softvq-worker": compose_topology["worker"]}
     for job in config["scrape_configs"]:
         if job["job_name"] in targets:
@@ -1378,7 +1399,10 @@ def test_real_prometheus_evaluates_every_dashboard_query_and_alert(compose_topol
         time.sleep(2)
         status, body = http(f"{base}/api/v1/rules")
         rules = [r for g in json.loads(body)["data"]["groups"] for r in g["rules"]]
-        assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
+        records = [r for g in yaml.safe_load(RECORDING.read_text())["groups"] for r in g["rules"]]
+        assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()} | {
+            r["record"] for r in records
+        }
         for r in rules:
             assert r["health"] == "ok", f"{r['name']}: {r.get('lastError')}"
         # every dashboard query, with Grafana's variables as Grafana fills them
@@ -1386,12 +1410,31 @@ def test_real_prometheus_evaluates_every_dashboard_query_and_alert(compose_topol
             if expr.startswith("label_values("):
                 metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", expr).groups()
                 values = {r["metric"][label] for r in prom_query(base, metric)}
-                assert values == {"tiny", "tiny16", "sit-tiny", "sit-tiny16"}, where
+                assert values == TINY_MODELS, where
                 continue
             q = expr.replace("$__rate_interval", "1m").replace("$model", ".*")
             result = prom_query(base, q)
             if not any(marker in expr for marker in MAY_BE_EMPTY):
                 assert result, f"{where}: no data for {q}"
+        # the speedup vs the 2-D baseline, recorded from what the worker exports under load
+        speedup = "model:softvq_generate_speedup_vs_2d:rate5m"
+        end = time.monotonic() + 60
+        got = {}
+        while time.monotonic() < end and len(got) < 3:
+            for gen in ("sit-tiny", "sit-tiny16", "sit2d-tiny"):
+                status, body = http(
+                    f"{compose_topology['api']}/generate",
+                    {"model": gen, "num_images": 2, "seed": 5, "steps": 2},
+                )
+                assert status == 200, body
+            got = {
+                r["metric"]["model"]: float(r["value"][1])
+                for r in prom_query(base, speedup)
+                if math.isfinite(float(r["value"][1]))
+            }
+            time.sleep(1)
+        assert set(got) == {"sit-tiny", "sit-tiny16", "sit2d-tiny"}, got
+        assert got["sit2d-tiny"] == pytest.approx(1.0) and got["sit-tiny"] > 0, got
     finally:
         stop(prom)
 
