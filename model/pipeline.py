@@ -22,7 +22,17 @@ def seeded_noise(
     return noise.to(device), generators
 
 
-def check_compatible(tok: SoftVQTokenizer, gen: SiT) -> None:
+def check_compatible(tok, gen: SiT) -> None:
+    """``tok``: a SoftVQ tokenizer for a 1-D SiT, or an SD-VAE (model.sd_vae) for SiT/2."""
+    if hasattr(tok, "scaling_factor"):  # an SD-VAE
+        if gen.config.vae_1d or gen.latent_shape[0] != tok.latent_channels:
+            raise ValueError(
+                f"the SD-VAE decodes {tok.latent_channels}-channel 2-D latents; the generator"
+                f" samples {tuple(gen.latent_shape)}"
+            )
+        return
+    if gen.config.vae_1d is False:
+        raise ValueError("a 2-D generator needs an SD-VAE to decode its latents, not a tokenizer")
     if (gen.num_tokens, gen.token_dim) != (tok.num_tokens, tok.token_dim):
         raise ValueError(
             f"generator works on ({gen.num_tokens}, {gen.token_dim}) tokens but the tokenizer "
@@ -82,7 +92,11 @@ def generate(
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     path: str = "linear",
 ) -> torch.Tensor:
-    """Images (B, 3, S, S), unclamped, for class ``labels[i]`` from seed ``seeds[i]``."""
+    """Images (B, 3, S, S), unclamped, for class ``labels[i]`` from seed ``seeds[i]``.
+    ``tok`` decodes the latents: the SoftVQ tokenizer, or for SiT/2 an SD-VAE (its latents
+    divided by the scaling factor first)."""
     check_compatible(tok, gen)
     z = sample_latents(gen, labels, seeds, steps, sampler, cfg_scale, guidance_interval, path)
+    if hasattr(tok, "scaling_factor"):
+        return tok.decode(z.to(tok.dtype) / tok.scaling_factor)
     return tok.decode(z.float() * tok.vq_std + tok.vq_mean)

@@ -161,3 +161,33 @@ def test_exported_backend_keeps_the_flip(gen, io, tmp_path):
     x, t, y = io["x"], io["t"], io["y"]
     with torch.no_grad():
         assert max_err(runner(x, 1 - t, y), -io["velocity"]) < TOL
+
+
+def test_cli_generates_with_a_released_sit_file_and_an_sd_vae(tmp_path):
+    """``softvq generate --generator SiT.pt --vae DIR``: the 2-D baseline without a server,
+    the same pixels as model.generate; a 2-D generator with a SoftVQ tokenizer is refused."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from model.images import tensor_to_uint8
+
+    sd_vae = pytest.importorskip("model.sd_vae")
+    pytest.importorskip("diffusers")
+    sd_vae.save_sd_vae(sd_vae.random_sd_vae(0.0625, 1, sample_size=64), tmp_path / "vae")
+    out = tmp_path / "out.png"
+    argv = [sys.executable, "-m", "service.cli", "generate", "--generator", str(FIXTURE)]
+    r = subprocess.run(
+        [*argv, "--vae", str(tmp_path / "vae"), "--class", "4", "--seed", "2", "--steps", "3",
+         "-o", str(out)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    gen, vae = model.load_generator(FIXTURE), sd_vae.load_sd_vae(tmp_path / "vae")
+    want = tensor_to_uint8(model.generate(vae, gen, [4], [2], steps=3))[0]
+    got = np.asarray(Image.open(out).convert("RGB"))
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    r = subprocess.run([*argv, "--steps", "1"], capture_output=True, text=True, timeout=180)
+    assert r.returncode == 2 and "SD-VAE" in r.stderr
