@@ -1435,6 +1435,18 @@ def test_real_prometheus_evaluates_every_dashboard_query_and_alert(compose_topol
             time.sleep(1)
         assert set(got) == {"sit-tiny", "sit-tiny16", "sit2d-tiny"}, got
         assert got["sit2d-tiny"] == pytest.approx(1.0) and got["sit-tiny"] > 0, got
+        # loadtests.compare reading the same counters through this Prometheus (the workers
+        # publish no port in compose): every generated image of a phase is counted
+        from loadtests import compare
+
+        out = tmp_path / "compare"
+        argv = ["--url", compose_topology["api"], "--prometheus", base, "--settle", "4"]
+        argv += ["--models", "sit-tiny,sit2d-tiny", "--duration", "2", "--rounds", "1"]
+        assert compare.main([*argv, "--concurrency", "2", "--steps", "2", "--out", str(out)]) == 0
+        report = json.loads((out / "compare.json").read_text())
+        assert report["baseline"] == "sit2d-tiny"
+        for r in report["results"].values():
+            assert r["images"] == r["requests_ok"] > 0 and r["model_s_per_image"] > 0, r
     finally:
         stop(prom)
 
