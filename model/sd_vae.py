@@ -102,7 +102,11 @@ def load_sd_vae(path: str | Path, device=None, dtype=None) -> SDVAE:
     if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
         raise ValueError(f"{path}: an SD-VAE directory holds config.json and {WEIGHTS}")
     vae = _autoencoder_kl().from_pretrained(
-        str(path), local_files_only=True, use_safetensors=True, torch_dtype=dtype
+        str(path),
+        local_files_only=True,
+        use_safetensors=True,
+        torch_dtype=dtype,
+        low_cpu_mem_usage=False,  # the fast path needs accelerate; this one does not
     )
     return SDVAE(vae.to(device=device or "cpu")).eval().requires_grad_(False)
 
