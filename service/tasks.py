@@ -267,7 +267,7 @@ class Generate(GeneratorTask):
 
     def run(self, registry, model: str, inputs: GenerateInputs) -> dict[str, np.ndarray]:
         gen = registry.generator(model)
-        tok = registry.tokenizer(gen.tokenizer)
+        decoder = registry.latent_decoder(gen.tokenizer)  # a SoftVQ tokenizer or an SD-VAE
         q = inputs.params
         lo, hi = q.get("guidance_interval", (0.0, 1.0))
         z = sample_latents(
@@ -281,7 +281,7 @@ class Generate(GeneratorTask):
             path=q.get("path", "linear"),
             cuda_graphs=registry.settings.cuda_graphs,
         )
-        images = tok.runner.decode(z.float() * tok.vq_std + tok.vq_mean).float()
+        images = decoder.runner.decode(z.float() * decoder.vq_std + decoder.vq_mean).float()
         return {"images": tensor_to_uint8(images)}
 
 
