@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -34,12 +33,14 @@ from typing import Any
 
 import torch
 
-from model.backends import BACKENDS, GeneratorRunner, TokenizerRunner, build_runner, choose_backend
+from model.backends import BACKENDS, GeneratorRunner, TokenizerRunner, build_runner
 from model.loading import load_generator, load_tokenizer, read_config, read_generator_config
 from model.sit import SiT
 from model.tokenizer import SoftVQTokenizer, TokenizerConfig
 
 from . import metrics
+from .backend_tuning import BackendTuner
+from .model_config import RegistryError, configured_models
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,6 @@ class UnknownModel(KeyError):
 
     def __str__(self) -> str:
         return f"unknown {self.kind} {self.name!r}; served: {', '.join(self.known) or 'none'}"
-
-
-class RegistryError(ValueError):
-    """The configured models cannot be served (bad path, incompatible pair, no models)."""
 
 
 @dataclass
@@ -156,9 +153,7 @@ class ModelRegistry:
         self.warm = False
         # Background proving of the configured backend (start_tuning): ``tuned`` is set once
         # every model is settled.
-        self.tuned = threading.Event()
-        self._tuner: threading.Thread | None = None
-        self._stop_tuning = threading.Event()
+        self.tuner = BackendTuner(self)
         # Warm-up and batches run on an executor thread; a model is not re-entrant on a GPU.
         self.lock = threading.Lock()
 
@@ -167,7 +162,7 @@ class ModelRegistry:
     def from_settings(cls, settings, load_weights: bool = True) -> ModelRegistry:
         device = resolve_device(settings.device)
         reg = cls(settings, device, resolve_dtype(settings.dtype, device), settings.backend)
-        tokenizers, vaes, generators, defaults = _configured_models(settings)
+        tokenizers, vaes, generators, defaults = configured_models(settings)
         if settings.compare:  # written by this process (service/compare.py): not confined
             reg._generated = {str(Path(settings.cache_dir or Path.home() / ".cache" / "softvq"))}
         for name, path in tokenizers.items():
@@ -429,82 +424,26 @@ class ModelRegistry:
             buckets,
         )
 
-    # --- the configured backend, proven in the background ----------------------------------
+    # --- the configured backend, proven in the background (service/backend_tuning.py) --
     def start_tuning(self) -> None:
-        """Prove the configured backend of every model in a background thread and swap it in
-        (``tune_backends``); eager serves meanwhile. No-op for ``eager``."""
-        if not self.loaded or self._tuner is not None:
-            return
-        if self.backend == "eager":
-            self.tuned.set()
-            return
-        self._tuner = threading.Thread(
-            target=self.tune_backends, name="softvq-backend-tuner", daemon=True
-        )
-        self._tuner.start()
+        self.tuner.start()
 
     def tune_backends(self) -> None:
-        """For each model: build the configured backend, warm it up at every bucket, check it
-        against eager, time it (``auto``), and swap the winner in between two batches (under
-        ``lock``). A backend that fails is logged and skipped (model.backends.auto); this
-        never raises, and eager keeps serving whatever happens."""
-        if not self.loaded:
-            raise RuntimeError("tuning needs a registry built with load_weights=True")
-        entries = [("tokenizer", e) for e in self.tokenizers.values()]
-        entries += [("generator", e) for e in self.generators.values()]
-        t0 = time.perf_counter()
-        for kind, entry in entries:
-            if self._stop_tuning.is_set():
-                log.info("backend tuning stopped before %s (shutting down)", entry.name)
-                break
-            try:
-                self._tune(kind, entry)
-            except Exception:  # noqa: BLE001 - a bug here must not take serving down
-                log.exception("backend tuning of %s failed; it stays on eager", entry.name)
-        self.tuned.set()
-        log.info(
-            "backends settled in %.1fs: %s",
-            time.perf_counter() - t0,
-            ", ".join(f"{e.name}={e.runner.backend}" for _, e in entries),
-        )
+        self.tuner.run()
 
     def stop_tuning(self, wait_s: float = 2.0) -> bool:
-        """Ask the tuner to stop after the model it is proving; True once it has ended (or
-        never ran). A compile or export in progress cannot be interrupted: a process that must
-        exit while this is False should not run the interpreter's finalisation under it."""
-        self._stop_tuning.set()
-        if self._tuner is not None:
-            self._tuner.join(wait_s)
-            return not self._tuner.is_alive()
-        return True
+        return self.tuner.stop(wait_s)
 
-    def _tune(self, kind: str, entry: TokenizerEntry | GeneratorEntry) -> None:
-        eager = entry.runner
-        if self.backend == "eager" or eager.backend != "eager":
-            return
-        cache_dir = self.settings.cache_dir
-        choice = choose_backend(
-            kind,
-            entry.name,
-            eager,
-            self.backend,
-            lambda b: build_runner(kind, entry.model, b, buckets=self.buckets, cache_dir=cache_dir),
-            cache_dir=cache_dir,
-            timing_lock=self.lock,
-        )
-        if choice.runner is eager:
-            return
-        with self.lock:  # between two batches: the executor holds it for a whole batch
-            self._unexport_info(kind, entry)
-            entry.runner = choice.runner
-            self._export_info_one(kind, entry)
-        log.info(
-            "%s %s now runs on %s (was eager)%s",
-            kind,
-            entry.name,
-            choice.backend,
-            f"; seconds per call {choice.timings}" if choice.timings else "",
-        )
+    @property
+    def tuned(self) -> threading.Event:
+        return self.tuner.done
+
+    def swap_runner(self, kind: str, entry, runner) -> None:
+        """Serve ``entry`` on ``runner`` from now on (the caller holds ``lock``) and relabel
+        its ``softvq_model_info``."""
+        self._unexport_info(kind, entry)
+        entry.runner = runner
+        self._export_info_one(kind, entry)
 
     def _labels(self, kind: str, e) -> dict[str, str]:
         return dict(
@@ -536,51 +475,6 @@ class ModelRegistry:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _configured_models(settings):
-    """-> ({tokenizer: path}, {vae: path}, {generator: (path, tokenizer)}, (default tok,
-    default gen)). The compare profile (``SOFTVQ_COMPARE``) adds its random-weight models;
-    empty settings fall back to the bundled demo weights that exist on disk."""
-    toks, vaes = dict(settings.tokenizers), dict(settings.vaes)
-    gens = {n: (s.path, s.tokenizer) for n, s in settings.generators.items()}
-    defaults = (settings.default_tokenizer, settings.default_generator)
-    if settings.compare:
-        from .compare import compare_models
-
-        ref = compare_models(settings.compare, settings.cache_dir)
-        clash = (set(ref.tokenizers) & set(toks)) | (set(ref.generators) & set(gens))
-        if clash:
-            raise RegistryError(f"the compare profile's model names are taken: {sorted(clash)}")
-        toks, vaes = toks | ref.tokenizers, vaes | ref.vaes
-        gens = gens | ref.generators
-        defaults = (defaults[0] or ref.default_tokenizer, defaults[1] or ref.default_generator)
-    if toks or vaes:
-        if not gens and not toks:
-            raise RegistryError("SD-VAEs are configured but no generator or tokenizer")
-        return toks, vaes, gens, defaults
-    if settings.generators:
-        raise RegistryError("generators are configured but no tokenizers")
-    from model import demo
-
-    toks = {n: str(demo.demo_path(n)) for n in demo.DEMO_TOKENIZERS if demo.demo_available(n)}
-    gens = {
-        n: (str(demo.demo_path(n)), t)
-        for n, t in demo.DEMO_GENERATORS.items()
-        if t in toks and demo.demo_available(n)
-    }
-    if not toks:
-        raise RegistryError(
-            "no models configured (SOFTVQ_TOKENIZERS) and no bundled demo weights found in "
-            f"{demo.DEMO_WEIGHTS_DIR}"
-        )
-    default_tok = settings.default_tokenizer or (
-        demo.DEFAULT_TOKENIZER if demo.DEFAULT_TOKENIZER in toks else None
-    )
-    default_gen = settings.default_generator or (
-        demo.DEFAULT_GENERATOR if demo.DEFAULT_GENERATOR in gens else None
-    )
-    return toks, {}, gens, (default_tok, default_gen)
 
 
 RUN_FIELDS = ("backend", "device", "dtype")
