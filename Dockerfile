@@ -65,11 +65,13 @@ RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca \
  && pip install "torch==${TORCH_VERSION}" --index-url "$index"
 
 # The package itself (not editable): model/, service/, loadtests/ and the bundled demo
-# weights (package data). The GPU variant adds onnxruntime-gpu, triton and pynvml.
+# weights (package data). The GPU variant adds onnxruntime-gpu, triton and pynvml; both
+# carry diffusers (the 2-D baseline's SD-VAE, the compare profile) and huggingface_hub
+# (hf:// model paths).
 WORKDIR /src
 COPY . .
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-ca \
-    if [ "$VARIANT" = "cpu" ]; then extras="onnx"; else extras="gpu"; fi \
+    if [ "$VARIANT" = "cpu" ]; then extras="onnx,baseline,hub"; else extras="gpu,baseline,hub"; fi \
  && pip install ".[${extras}]" \
  && softvq --help > /dev/null
 

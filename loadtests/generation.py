@@ -4,7 +4,7 @@ Every pipeline uses the same SiT width, depth, heads, steps, sampler (Euler, no 
 and batch; only the token count and the decoder differ:
 
     1d_32 / 1d_64: SiT on 32 / 64 SoftVQ tokens -> SoftVQ ViT decoder
-    2d_256:        SiT/2 on 4x32x32 latents (256 tokens) -> SD-VAE-sized conv decoder
+    2d_256:        SiT/2 on 4x32x32 latents (256 tokens) -> SD-VAE (diffusers AutoencoderKL)
     512 px:        1d_64_512 (64 tokens) vs 2d_1024_512 (4x64x64 latents, 1024 tokens)
 
 Models run through model.backends eager runners (fused Triton kernels on CUDA), as the
@@ -43,7 +43,7 @@ class Pipeline:
         g = torch.Generator().manual_seed(0)
         noise = torch.randn(batch, *self.runner.input_shape(), generator=g).to(self.runner.device)
         z = sample(self.runner, noise, labels.to(self.runner.device), steps)
-        return self.decoder.decode_latents(z.to(self.runner.dtype))
+        return self.decoder.decode(z.to(self.runner.dtype) / self.decoder.scaling_factor)
 
     @torch.inference_mode()
     def flops_per_image(self) -> dict[str, float]:
@@ -60,9 +60,8 @@ class Pipeline:
             z = torch.zeros(1, tok.num_tokens, tok.token_dim, device=dev, dtype=r.dtype)
             dec = count_flops(lambda: tok.decode(z))
         else:
-            dec = count_flops(
-                lambda: self.decoder(torch.zeros(1, *r.input_shape(), device=dev, dtype=r.dtype))
-            )
+            z = torch.zeros(1, *r.input_shape(), device=dev, dtype=r.dtype)
+            dec = count_flops(lambda: self.decoder.decode(z))
         return {"sampler": step * self.steps, "decoder": dec, "per_step": step}
 
 
@@ -78,7 +77,7 @@ def build(
         gen = models.sit_1d(L, D, sit).to(device, dtype)
         out.append((f"1d_{L}", Pipeline(f"1d_{L}", gen, tok, True, steps), preset.batch))
     gen2 = models.sit_2d(32, sit).to(device, dtype)
-    sd = models.sd_decoder(preset.sd_width_scale, preset.sd_blocks_per_level).to(device, dtype)
+    sd = models.sd_vae(preset.sd_width_scale, preset.sd_layers_per_block).to(device, dtype)
     out.append(("2d_256", Pipeline("2d_256", gen2, sd, False, steps), preset.batch))
     if preset.batch_512:
         width, depth, heads, D = preset.vit_1d[64]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from model.speed_reference import SIZES
+
 
 @dataclass
 class Preset:
@@ -33,7 +35,7 @@ class Preset:
     backend_tokens: int
     backend_batch: int
     backends: tuple[str, ...] = ("eager", "compile", "onnx")
-    sd_blocks_per_level: int = 3  # SD's decoder: layers_per_block + 1
+    sd_layers_per_block: int = 2  # SD's VAE (its decoder runs layers_per_block + 1 per level)
     matmul_sizes: tuple[int, ...] = (1024, 2048)
     # parts c-e: the served pair and the load
     service_steps: int = 10
@@ -49,12 +51,12 @@ class Preset:
 CPU = Preset(
     name="cpu",
     dtype="float32",
-    sit=(6, 288, 4),
+    sit=SIZES["cpu"].sit,
     steps=20,
     batch=8,
     reps=2,
-    vit_1d={32: (192, 12, 3, 64), 64: (192, 12, 3, 32)},
-    sd_width_scale=0.25,
+    vit_1d=SIZES["cpu"].vit_1d,
+    sd_width_scale=SIZES["cpu"].sd_width_scale,
     batch_512=1,
     steps_512=10,
     backend_vit=(384, 6, 6),
@@ -90,12 +92,12 @@ CPU_QUICK = Preset(
 GPU = Preset(
     name="gpu",
     dtype="bfloat16",
-    sit=(28, 1152, 16),
+    sit=SIZES["gpu"].sit,
     steps=50,
     batch=64,
     reps=2,
-    vit_1d={32: (768, 12, 12, 64), 64: (1024, 24, 16, 32)},
-    sd_width_scale=1.0,
+    vit_1d=SIZES["gpu"].vit_1d,
+    sd_width_scale=SIZES["gpu"].sd_width_scale,
     batch_512=16,
     steps_512=50,
     backend_vit=(1024, 24, 16),
@@ -144,7 +146,7 @@ TINY = Preset(
     reps=1,
     vit_1d={32: (32, 1, 2, 16), 64: (32, 1, 2, 8)},
     sd_width_scale=0.0625,
-    sd_blocks_per_level=1,
+    sd_layers_per_block=1,
     matmul_sizes=(256,),
     batch_512=0,
     steps_512=0,

@@ -2,6 +2,10 @@
 ``model.safetensors``. The project's own models use the same layout (small ones through
 ``_tiny_overrides``), so one loader serves both.
 
+The SiT authors' released 2-D generator (``SiT-XL-2-256x256.pt``: a bare state dict, or one
+under ``"ema"``) loads as it is, as a file or in a directory without ``config.json``: its
+architecture is read off the weights' shapes (``infer_sit_config``).
+
 Weights load only through safetensors, or ``torch.load(weights_only=True)`` for a ``.pt`` /
 ``.bin`` state dict; never through pickle.
 """
@@ -9,13 +13,14 @@ Weights load only through safetensors, or ``torch.load(weights_only=True)`` for 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .sit import GeneratorConfig, SiTBackbone, build_generator
+from .sit import SIT_SIZES, GeneratorConfig, SiTBackbone, build_generator
 from .tokenizer import SoftVQTokenizer, TokenizerConfig
 
 # Training-only weights in released files, dropped on load.
@@ -42,19 +47,93 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def weights_file(path: str | Path) -> Path:
+    """The weights of a checkpoint: ``path`` itself when it is a file, else the first of
+    ``WEIGHT_FILES`` in the directory, else its only ``*.pt`` (a released SiT file)."""
     path = Path(path)
+    if path.is_file():
+        return path
     for name in WEIGHT_FILES:
-        f = path / name
-        if not f.is_file():
-            continue
-        if f.suffix == ".safetensors":
-            state = load_file(str(f))
-        else:
-            state = torch.load(f, map_location="cpu", weights_only=True)
-            state = state.get("model", state.get("state_dict", state))
-        return clean_state_dict(state)
-    raise CheckpointError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+        if (path / name).is_file():
+            return path / name
+    pts = sorted(path.glob("*.pt")) if path.is_dir() else []
+    if len(pts) == 1:
+        return pts[0]
+    raise CheckpointError(
+        f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)} or a single *.pt)"
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    f = weights_file(path)
+    if f.suffix == ".safetensors":
+        state = load_file(str(f))
+    else:
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # not a zip/pickle state dict, or one needing arbitrary code
+            raise CheckpointError(f"{f}: not a weights-only PyTorch state dict ({e})") from e
+        for wrapper in ("ema", "model", "state_dict"):  # training checkpoints nest the weights
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f}: holds no state dict")
+    return clean_state_dict(state)
+
+
+def infer_sit_config(state: dict[str, torch.Tensor]) -> GeneratorConfig:
+    """A 2-D SiT's config from the SiT authors' key layout: patch, channels and width from
+    ``x_embedder.proj``, grid from ``pos_embed``, classes from the label table (one row is
+    the null class), learned sigma from the output width; heads from the published sizes
+    (``SIT_SIZES``). Their code's time convention (t = 0 noise) is implied."""
+    try:
+        hidden, channels, p, _ = state["x_embedder.proj.weight"].shape
+        positions = state["pos_embed"].shape[1]
+        rows = state["y_embedder.embedding_table.weight"].shape[0]
+        out = state["final_layer.linear.weight"].shape[0]
+        mlp = state["blocks.0.mlp.fc1.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(
+            f"not a SiT/DiT 2-D state dict (no {e.args[0]}) and no config.json"
+        ) from e
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    heads = {(d, h): n for d, h, n in SIT_SIZES.values()}.get((depth, hidden))
+    grid = math.isqrt(positions)
+    if (
+        heads is None
+        or grid * grid != positions
+        or out not in (p * p * channels * k for k in (1, 2))
+    ):
+        raise CheckpointError(
+            f"a SiT state dict of depth {depth}, hidden {hidden}, {positions} positions and"
+            f" {out} outputs is not a published size: give it a config.json"
+        )
+    return GeneratorConfig(
+        input_size=grid * p,
+        in_channels=channels,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=heads,
+        num_classes=rows - 1,
+        mlp_ratio=mlp / hidden,
+        patch_size=p,
+        vae_1d=False,
+        learn_sigma=out == 2 * p * p * channels,
+        time_convention="noise_at_0",
+    )
+
+
+def read_generator_config(path: str | Path) -> tuple[GeneratorConfig, dict]:
+    """(config, raw config.json) of a generator directory; for a released SiT file (or a
+    directory with no config.json) the config read off the weights and an empty dict."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        raw = read_config(path)
+        return GeneratorConfig.from_dict(raw), raw
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    return infer_sit_config(read_state_dict(path)), {}
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -114,8 +193,9 @@ def load_tokenizer(path: str | Path, device=None, dtype=None) -> SoftVQTokenizer
 
 
 def load_generator(path: str | Path, device=None, dtype=None) -> SiTBackbone:
-    """A SiT directory -> SiT (1-D) or SiT2D in eval mode."""
-    cfg = GeneratorConfig.from_dict(read_config(path))
+    """A SiT directory (or released SiT-XL/2 ``.pt`` file) -> SiT (1-D) or SiT2D in eval
+    mode."""
+    cfg, _ = read_generator_config(path)
     return _build_and_load(path, lambda: build_generator(cfg), device, dtype)
 
 

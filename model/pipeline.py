@@ -22,7 +22,17 @@ def seeded_noise(
     return noise.to(device), generators
 
 
-def check_compatible(tok: SoftVQTokenizer, gen: SiT) -> None:
+def check_compatible(tok, gen: SiT) -> None:
+    """``tok``: a SoftVQ tokenizer for a 1-D SiT, or an SD-VAE (model.sd_vae) for SiT/2."""
+    if hasattr(tok, "scaling_factor"):  # an SD-VAE
+        if gen.config.vae_1d or gen.latent_shape[0] != tok.latent_channels:
+            raise ValueError(
+                f"the SD-VAE decodes {tok.latent_channels}-channel 2-D latents; the generator"
+                f" samples {tuple(gen.latent_shape)}"
+            )
+        return
+    if gen.config.vae_1d is False:
+        raise ValueError("a 2-D generator needs an SD-VAE to decode its latents, not a tokenizer")
     if (gen.num_tokens, gen.token_dim) != (tok.num_tokens, tok.token_dim):
         raise ValueError(
             f"generator works on ({gen.num_tokens}, {gen.token_dim}) tokens but the tokenizer "
@@ -43,7 +53,8 @@ def sample_latents(
     cuda_graphs: bool = False,
     on_step=None,
 ) -> torch.Tensor:
-    """Normalised latents (B, L, D) in float32, each drawn from its own seed.
+    """Normalised latents (B, L, D) (2-D models: (B, C, H, W)) in float32, each drawn from
+    its own seed.
 
     ``on_step(step, steps, x)``: progress and row dropping, see ``model.sampling``.
 
@@ -53,7 +64,8 @@ def sample_latents(
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     if len(seeds) != labels.shape[0]:
         raise ValueError(f"{len(seeds)} seeds for {labels.shape[0]} labels")
-    noise, generators = seeded_noise(seeds, (gen.num_tokens, gen.token_dim), device)
+    shape = gen.input_shape() if hasattr(gen, "input_shape") else gen.latent_shape
+    noise, generators = seeded_noise(seeds, tuple(shape), device)
     if not isinstance(cfg_scale, (int, float)):
         cfg_scale = torch.as_tensor(cfg_scale, dtype=torch.float64)
     cfg = cfg_scale if isinstance(cfg_scale, (int, float)) else cfg_scale.to(device)
@@ -84,7 +96,11 @@ def generate(
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     path: str = "linear",
 ) -> torch.Tensor:
-    """Images (B, 3, S, S), unclamped, for class ``labels[i]`` from seed ``seeds[i]``."""
+    """Images (B, 3, S, S), unclamped, for class ``labels[i]`` from seed ``seeds[i]``.
+    ``tok`` decodes the latents: the SoftVQ tokenizer, or for SiT/2 an SD-VAE (its latents
+    divided by the scaling factor first)."""
     check_compatible(tok, gen)
     z = sample_latents(gen, labels, seeds, steps, sampler, cfg_scale, guidance_interval, path)
+    if hasattr(tok, "scaling_factor"):
+        return tok.decode(z.to(tok.dtype) / tok.scaling_factor)
     return tok.decode(z.float() * tok.vq_std + tok.vq_mean)

@@ -2,7 +2,13 @@
 
 ``SiT`` works on the tokenizer's 1-D tokens (patch size 1): x (B, L, D), t (B,), y (B,)
 -> velocity (B, L, D). ``SiT2D`` is the 2-D baseline of the speed comparison: the same blocks
-over a patch-2 grid of 4-channel latents, x (B, 4, H, W) -> velocity (B, 4, H, W).
+over a patch-2 grid of 4-channel latents, x (B, 4, H, W) -> velocity (B, 4, H, W); it loads
+the SiT authors' released SiT-XL/2 as it is (learned-sigma output, their time convention).
+
+Every generator's ``forward`` speaks the samplers' convention (model.sampling: t = 1 noise,
+t = 0 data, v = noise - data). A checkpoint trained the other way round (the SiT authors':
+t = 0 noise, t = 1 data, predicting data - noise) keeps its own output in ``native`` and is
+seen by the samplers as v(x, t) = -native(x, 1 - t, y).
 """
 
 from __future__ import annotations
@@ -42,16 +48,49 @@ class GeneratorConfig:
     patch_size: int = 1
     vae_1d: bool = True
     tokenizer: str | None = None  # name of the tokenizer this generator samples for
+    # The output holds a variance half after the velocity (DiT/SiT ``learn_sigma``); only the
+    # first ``in_channels`` are the velocity.
+    learn_sigma: bool = False
+    # "noise_at_1" (SoftVQ's SiT, the samplers' own) or "noise_at_0" (the SiT authors').
+    time_convention: str = "noise_at_1"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        fields = {k: v for k, v in d.items() if k in known}
+        if "vae_1d" not in d and int(d.get("patch_size", 1)) > 1:
+            fields["vae_1d"] = False  # DiT/SiT configs have no vae_1d: patches mean 2-D
+        if "time_convention" in d:
+            fields["time_convention"] = parse_time_convention(d["time_convention"])
+        return cls(**fields)
+
+    @property
+    def noise_at_zero(self) -> bool:
+        return self.time_convention == "noise_at_0"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["null_class"] = self.num_classes
         return d
+
+
+TIME_CONVENTIONS = ("noise_at_1", "noise_at_0")
+
+
+def parse_time_convention(value: str) -> str:
+    """``noise_at_1`` / ``noise_at_0``, or a config's sentence that starts by saying where
+    the noise is ("t=0 noise, t=1 data; ..." as the official fixtures write it)."""
+    v = str(value).strip().lower().replace(" ", "")
+    if v in TIME_CONVENTIONS:
+        return v
+    if v.startswith(("t=0noise", "t=1data")):
+        return "noise_at_0"
+    if v.startswith(("t=1noise", "t=0data")):
+        return "noise_at_1"
+    raise ValueError(
+        f"time_convention {value!r}: expected one of {TIME_CONVENTIONS} or a sentence that"
+        " starts 't=0 noise' / 't=1 noise'"
+    )
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -226,6 +265,11 @@ class SiT(SiTBackbone):
     def token_dim(self) -> int:
         return self.config.in_channels
 
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's x: (L, D)."""
+        return (self.config.input_size, self.config.in_channels)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.run(self.x_embedder(x), t, y)
 
@@ -240,9 +284,11 @@ class PatchEmbed2D(nn.Module):
 
 
 class SiT2D(SiTBackbone):
-    """SiT/2 over a (C, side, side) latent grid: the 2-D baseline (SiT-XL/2 on SD-VAE latents).
+    """SiT/p over a (C, side, side) latent grid: the 2-D baseline (SiT-XL/2 on SD-VAE latents).
 
-    The output predicts velocity only (no learned sigma), like the 1-D model.
+    Key names are those of the SiT authors' ``models.py``, so their released checkpoints load
+    as they are. With ``learn_sigma`` the final layer predicts 2C channels (velocity, then a
+    variance the flow samplers do not use).
     """
 
     def __init__(self, cfg: GeneratorConfig):
@@ -250,7 +296,8 @@ class SiT2D(SiTBackbone):
         if side % p:
             raise ValueError("latent side must be a multiple of the patch size")
         self.grid = side // p
-        super().__init__(cfg, self.grid**2, cfg.in_channels, p * p * cfg.in_channels)
+        self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
+        super().__init__(cfg, self.grid**2, cfg.in_channels, p * p * self.out_channels)
         self.x_embedder = PatchEmbed2D(cfg.in_channels, p, cfg.hidden_size)
         self.pos_embed.copy_(sincos_2d(cfg.hidden_size, self.grid)[None].float())
 
@@ -258,11 +305,26 @@ class SiT2D(SiTBackbone):
     def num_tokens(self) -> int:
         return self.grid**2
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = self.run(self.x_embedder(x), t, y)  # (B, N, p*p*C)
-        B, p, C, g = x.shape[0], self.config.patch_size, self.config.in_channels, self.grid
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """One sample's x: (C, side, side)."""
+        c = self.config
+        return (c.in_channels, c.input_size, c.input_size)
+
+    def native(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's own output, (B, out_channels, H, W), in its own time convention
+        (DiT's ``unpatchify``)."""
+        out = self.run(self.x_embedder(x), t, y)  # (B, N, p*p*C_out)
+        B, p, C, g = x.shape[0], self.config.patch_size, self.out_channels, self.grid
         out = out.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return out.reshape(B, C, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Velocity (B, C, H, W) in the samplers' convention (t = 1 noise, noise - data)."""
+        C = self.config.in_channels
+        if self.config.noise_at_zero:
+            return -self.native(x, 1 - t, y)[:, :C]
+        return self.native(x, t, y)[:, :C]
 
 
 def build_generator(cfg: GeneratorConfig) -> SiTBackbone:

@@ -101,11 +101,22 @@ def cmd_reconstruct(args) -> int:
     return 0
 
 
+def _load_vae(path: str, device: str):
+    try:
+        from model.sd_vae import load_sd_vae
+
+        return load_sd_vae(path, device=device)
+    except (ImportError, ValueError, OSError) as e:
+        raise UsageError(f"cannot load SD-VAE: {e}") from None
+
+
 def cmd_generate(args) -> int:
     import model
     from model.images import make_grid, to_pil
 
-    tok, gen = _load_tokenizer(args), _load_generator(args)
+    gen = _load_generator(args)
+    # A 2-D generator (SiT/2) decodes through an SD-VAE, a 1-D one through its tokenizer.
+    tok = _load_vae(args.vae, args.device) if args.vae else _load_tokenizer(args)
     labels = args.class_ids
     seeds = [args.seed + i for i in range(len(labels))]
     try:
@@ -162,5 +173,11 @@ def register(sub) -> None:
     p.add_argument("--guidance-low", type=float, default=0.0)
     p.add_argument("--guidance-high", type=float, default=1.0)
     p.add_argument("-o", "--output", default="generated.png")
+    p.add_argument(
+        "--vae",
+        metavar="DIR",
+        help="SD-VAE directory (diffusers AutoencoderKL) decoding a 2-D generator's latents,"
+        " instead of --tokenizer",
+    )
     common(p, generator=True)
     p.set_defaults(func=cmd_generate)

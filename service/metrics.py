@@ -98,4 +98,11 @@ MODEL_INFO = Gauge(
     "Served models (value 1)",
     ["model", "kind", "tokens", "dim", "backend", "device", "dtype"],
 )
+GENERATOR_FAMILY = Gauge(
+    "softvq_generator_family",
+    "Served generators (value 1) by family: softvq = SiT on 1-D tokens, latent-2d = the 2-D"
+    " baseline (SiT/2 + SD-VAE); speed_reference = random weights (the compare profile)."
+    " deploy/prometheus/recording.yml divides by the latent-2d models' seconds per image",
+    ["model", "family", "speed_reference"],
+)
 GPU_MEMORY = Gauge("softvq_gpu_memory_bytes", "GPU memory by torch", ["device", "kind"])

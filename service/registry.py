@@ -1,4 +1,11 @@
-"""The models a process serves, by name: tokenizers and the generators that sample for them.
+"""The models a process serves, by name: tokenizers, SD-VAEs and the generators that sample
+for them.
+
+Two generator families share every endpoint, batcher, broker and metric: SiT on a SoftVQ
+tokenizer's 1-D tokens, and the 2-D latent-diffusion baseline (SiT/2 on 4-channel latents)
+whose latents an SD-VAE (``SOFTVQ_VAES``, model/sd_vae.py) decodes. A generator names its
+decoder in ``tokenizer``; ``latent_decoder(name)`` finds either kind, and both de-normalise
+latents the same way (``x * vq_std + vq_mean``; for the SD-VAE 1 / scaling factor and 0).
 
     registry = ModelRegistry.from_settings(settings)          # loads weights, makes runners
     entry = registry.tokenizer("softvq-l-64")                # or None -> the default
@@ -19,18 +26,21 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from model.backends import BACKENDS, GeneratorRunner, TokenizerRunner, build_runner, choose_backend
-from model.loading import load_generator, load_tokenizer, read_config
-from model.sit import GeneratorConfig, SiT
+from model.backends import BACKENDS, GeneratorRunner, TokenizerRunner, build_runner
+from model.loading import load_generator, load_tokenizer, read_config, read_generator_config
+from model.sit import SiT
 from model.tokenizer import SoftVQTokenizer, TokenizerConfig
 
 from . import metrics
+from .backend_tuning import BackendTuner
+from .model_config import RegistryError, configured_models
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +56,6 @@ class UnknownModel(KeyError):
 
     def __str__(self) -> str:
         return f"unknown {self.kind} {self.name!r}; served: {', '.join(self.known) or 'none'}"
-
-
-class RegistryError(ValueError):
-    """The configured models cannot be served (bad path, incompatible pair, no models)."""
 
 
 @dataclass
@@ -68,13 +74,49 @@ class TokenizerEntry:
 
 
 @dataclass
+class VAEEntry:
+    """An SD-VAE (diffusers AutoencoderKL) that decodes a 2-D generator's latents."""
+
+    name: str
+    path: Path
+    latent_channels: int
+    downsample: int  # image side / latent side
+    scaling_factor: float
+    runner: Any = None  # EagerVAERunner; None when weights are not loaded
+    model: Any = None
+    latent_sides: set[int] = dataclass_field(
+        default_factory=set
+    )  # of the generators it decodes for
+
+    # The generate task de-normalises every decoder's latents as x * vq_std + vq_mean.
+    @property
+    def vq_mean(self) -> float:
+        return 0.0
+
+    @property
+    def vq_std(self) -> float:
+        return 1.0 / self.scaling_factor
+
+
+# What GET /models says of a speed reference (the compare profile's random-weight models).
+SPEED_REFERENCE_NOTE = (
+    "speed reference: random weights at the benchmark's sizes; its images are noise and say"
+    " nothing about quality"
+)
+
+
+@dataclass
 class GeneratorEntry:
     name: str
     path: Path
-    tokenizer: str  # name of the TokenizerEntry whose tokens it samples
+    tokenizer: str  # the TokenizerEntry or VAEEntry that decodes its latents
     num_classes: int
     num_tokens: int
     token_dim: int
+    image_size: int = 0
+    latent_shape: tuple[int, ...] = ()  # one sample's latents: (L, D) or (C, H, W)
+    family: str = "softvq"  # "softvq": SiT on 1-D tokens | "latent-2d": SiT/p + SD-VAE
+    speed_reference: bool = False  # config.json "speed_reference": random weights
     class_names: list[str] | None = None  # config.json "class_names": names of ids 0..N-1
     runner: GeneratorRunner | None = None  # callable like the generator: (x, t, y) -> v
     model: SiT | None = None
@@ -102,16 +144,16 @@ class ModelRegistry:
         self.device, self.dtype, self.backend = device, dtype, backend
         self.buckets = sorted(set(settings.batch_buckets))
         self.tokenizers: dict[str, TokenizerEntry] = {}
+        self.vaes: dict[str, VAEEntry] = {}
         self.generators: dict[str, GeneratorEntry] = {}
-        self.default_tokenizer: str = ""
+        self.default_tokenizer: str | None = None
+        self._generated: set[str] = set()  # roots of models the compare profile wrote
         self.default_generator: str | None = None
         self.loaded = False
         self.warm = False
         # Background proving of the configured backend (start_tuning): ``tuned`` is set once
         # every model is settled.
-        self.tuned = threading.Event()
-        self._tuner: threading.Thread | None = None
-        self._stop_tuning = threading.Event()
+        self.tuner = BackendTuner(self)
         # Warm-up and batches run on an executor thread; a model is not re-entrant on a GPU.
         self.lock = threading.Lock()
 
@@ -120,16 +162,22 @@ class ModelRegistry:
     def from_settings(cls, settings, load_weights: bool = True) -> ModelRegistry:
         device = resolve_device(settings.device)
         reg = cls(settings, device, resolve_dtype(settings.dtype, device), settings.backend)
-        tokenizers, generators, defaults = _configured_models(settings)
+        tokenizers, vaes, generators, defaults = configured_models(settings)
+        if settings.compare:  # written by this process (service/compare.py): not confined
+            reg._generated = {str(Path(settings.cache_dir or Path.home() / ".cache" / "softvq"))}
         for name, path in tokenizers.items():
             reg.tokenizers[name] = reg._tokenizer_entry(name, reg._confined(path), load_weights)
+        for name, path in vaes.items():
+            if name in reg.tokenizers:
+                raise RegistryError(f"{name!r} names both a tokenizer and an SD-VAE")
+            reg.vaes[name] = reg._vae_entry(name, reg._confined(path), load_weights)
         for name, (path, tok_name) in generators.items():
             reg.generators[name] = reg._generator_entry(
                 name, reg._confined(path), tok_name, load_weights
             )
-        reg.default_tokenizer = defaults[0] or next(iter(reg.tokenizers))
+        reg.default_tokenizer = defaults[0] or next(iter(reg.tokenizers), None)
         reg.default_generator = defaults[1] or next(iter(reg.generators), None)
-        if reg.default_tokenizer not in reg.tokenizers:
+        if reg.default_tokenizer is not None and reg.default_tokenizer not in reg.tokenizers:
             raise RegistryError(f"default tokenizer {reg.default_tokenizer!r} is not configured")
         if reg.default_generator is not None and reg.default_generator not in reg.generators:
             raise RegistryError(f"default generator {reg.default_generator!r} is not configured")
@@ -138,9 +186,20 @@ class ModelRegistry:
         return reg
 
     def _confined(self, path: str | Path) -> Path:
-        """The resolved directory; refused when it lies outside ``model_root`` (when set)."""
+        """The resolved directory; refused when it lies outside ``model_root`` (when set).
+        ``hf://OWNER/REPO[@REVISION]`` is fetched into (or, offline, found in) the Hugging
+        Face cache first (service/hub.py)."""
+        from .hub import is_hub_path, resolve_hub_path
+
+        if is_hub_path(str(path)):
+            try:
+                return resolve_hub_path(str(path))
+            except (ValueError, OSError, ImportError) as e:
+                raise RegistryError(str(e)) from e
         p = self.settings.resolve(str(path))
         root = self.settings.model_root
+        if any(Path(g).resolve() in p.parents for g in self._generated):
+            return p
         if root:
             root = Path(root).resolve()
             if p != root and root not in p.parents:
@@ -169,23 +228,69 @@ class ModelRegistry:
             else None,
         )
 
-    def _generator_entry(self, name: str, path: Path, tok_name: str, load: bool) -> GeneratorEntry:
-        if tok_name not in self.tokenizers:
-            raise RegistryError(f"generator {name!r} pairs with unknown tokenizer {tok_name!r}")
+    def _vae_entry(self, name: str, path: Path, load: bool) -> VAEEntry:
         try:
-            raw = read_config(path)
-            cfg = GeneratorConfig.from_dict(raw)
+            cfg = read_config(path)
+            if cfg.get("_class_name") != "AutoencoderKL":
+                raise ValueError("config.json is not a diffusers AutoencoderKL config")
+            vae = None
+            if load:
+                from model.sd_vae import load_sd_vae
+
+                vae = load_sd_vae(path, device=self.device, dtype=self.dtype)
+        except (ValueError, OSError, ImportError) as e:
+            raise RegistryError(f"SD-VAE {name!r}: {e}") from e
+        from model.backends.eager import EagerVAERunner
+
+        return VAEEntry(
+            name=name,
+            path=path,
+            latent_channels=int(cfg.get("latent_channels", 4)),
+            downsample=2 ** (len(cfg.get("block_out_channels", (0,) * 4)) - 1),
+            scaling_factor=float(cfg.get("scaling_factor") or 0.18215),
+            model=vae,
+            runner=EagerVAERunner(vae, self.buckets) if vae is not None else None,
+        )
+
+    def _generator_entry(self, name: str, path: Path, tok_name: str, load: bool) -> GeneratorEntry:
+        if tok_name not in self.tokenizers and tok_name not in self.vaes:
+            raise RegistryError(
+                f"generator {name!r} pairs with unknown tokenizer or SD-VAE {tok_name!r}"
+            )
+        try:
+            cfg, raw = read_generator_config(path)
             gen = load_generator(path, device=self.device, dtype=self.dtype) if load else None
         except (ValueError, OSError) as e:
             raise RegistryError(f"generator {name!r}: {e}") from e
-        if not cfg.vae_1d:
-            raise RegistryError(f"generator {name!r} is a 2-D model; only 1-D SiT is served")
-        tok = self.tokenizers[tok_name]
-        if (cfg.input_size, cfg.in_channels) != (tok.num_tokens, tok.token_dim):
-            raise RegistryError(
-                f"generator {name!r} works on ({cfg.input_size}, {cfg.in_channels}) tokens but "
-                f"tokenizer {tok_name!r} makes ({tok.num_tokens}, {tok.token_dim})"
-            )
+        if tok_name in self.vaes:
+            vae = self.vaes[tok_name]
+            if cfg.vae_1d:
+                raise RegistryError(
+                    f"generator {name!r} samples 1-D tokens; SD-VAE {tok_name!r} decodes 2-D"
+                    " latents: pair it with a tokenizer"
+                )
+            if cfg.in_channels != vae.latent_channels:
+                raise RegistryError(
+                    f"generator {name!r} samples {cfg.in_channels}-channel latents but SD-VAE"
+                    f" {tok_name!r} decodes {vae.latent_channels}"
+                )
+            vae.latent_sides.add(cfg.input_size)
+            family, image_size = "latent-2d", cfg.input_size * vae.downsample
+            latent_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
+            num_tokens, token_dim = (cfg.input_size // cfg.patch_size) ** 2, cfg.in_channels
+        else:
+            if not cfg.vae_1d:
+                raise RegistryError(
+                    f"generator {name!r} is a 2-D model: pair it with an SD-VAE (SOFTVQ_VAES)"
+                )
+            tok = self.tokenizers[tok_name]
+            if (cfg.input_size, cfg.in_channels) != (tok.num_tokens, tok.token_dim):
+                raise RegistryError(
+                    f"generator {name!r} works on ({cfg.input_size}, {cfg.in_channels}) tokens"
+                    f" but tokenizer {tok_name!r} makes ({tok.num_tokens}, {tok.token_dim})"
+                )
+            family, image_size = "softvq", tok.image_size
+            latent_shape = num_tokens, token_dim = (cfg.input_size, cfg.in_channels)
         names = raw.get("class_names")
         if names is not None and not (
             isinstance(names, list)
@@ -202,8 +307,12 @@ class ModelRegistry:
             tokenizer=tok_name,
             class_names=names,
             num_classes=cfg.num_classes,
-            num_tokens=cfg.input_size,
-            token_dim=cfg.in_channels,
+            num_tokens=num_tokens,
+            token_dim=token_dim,
+            image_size=image_size,
+            latent_shape=latent_shape,
+            family=family,
+            speed_reference=bool(raw.get("speed_reference", False)),
             model=gen,
             runner=build_runner("generator", gen, "eager", buckets=self.buckets)
             if gen is not None
@@ -216,6 +325,12 @@ class ModelRegistry:
         if name not in self.tokenizers:
             raise UnknownModel("tokenizer", name, list(self.tokenizers))
         return self.tokenizers[name]
+
+    def latent_decoder(self, name: str) -> TokenizerEntry | VAEEntry:
+        """What decodes a generator's latents: its tokenizer, or its SD-VAE."""
+        if name in self.vaes:
+            return self.vaes[name]
+        return self.tokenizer(name)
 
     def generator(self, name: str | None) -> GeneratorEntry:
         name = name or self.default_generator
@@ -242,15 +357,29 @@ class ModelRegistry:
             "generators": [
                 {
                     "name": g.name,
-                    "image_size": self.tokenizers[g.tokenizer].image_size,
+                    "image_size": g.image_size,
                     "num_tokens": g.num_tokens,
                     "token_dim": g.token_dim,
                     **self._common(g),
                     "num_classes": g.num_classes,
                     "class_names": g.class_names,
                     "tokenizer": g.tokenizer,
+                    "family": g.family,
+                    "latent_shape": list(g.latent_shape),
+                    "speed_reference": g.speed_reference,
+                    **({"note": SPEED_REFERENCE_NOTE} if g.speed_reference else {}),
                 }
                 for g in self.generators.values()
+            ],
+            "vaes": [
+                {
+                    "name": v.name,
+                    "latent_channels": v.latent_channels,
+                    "downsample": v.downsample,
+                    "scaling_factor": v.scaling_factor,
+                    **self._common(v, backend="eager"),
+                }
+                for v in self.vaes.values()
             ],
         }
 
@@ -258,10 +387,11 @@ class ModelRegistry:
         """Model name -> how this process runs it (backend, device, dtype): what a worker's
         heartbeat tells the API, whose own registry holds shapes only."""
         entries = [*self.tokenizers.values(), *self.generators.values()]
-        return {e.name: self._common(e) for e in entries}
+        served = {e.name: self._common(e) for e in entries}
+        return served | {v.name: self._common(v, backend="eager") for v in self.vaes.values()}
 
-    def _common(self, entry) -> dict[str, str]:
-        backend = getattr(entry.runner, "backend", None) or self.backend
+    def _common(self, entry, backend: str | None = None) -> dict[str, str]:
+        backend = backend or getattr(entry.runner, "backend", None) or self.backend
         return {"backend": backend, "device": str(self.device), "dtype": _dtype_name(self.dtype)}
 
     def streams(self) -> list[tuple[str, str]]:
@@ -283,90 +413,37 @@ class ModelRegistry:
                 t.runner.warmup(buckets)
             for g in self.generators.values():
                 g.runner.warmup(buckets)
+            for v in self.vaes.values():
+                v.runner.warmup(buckets, sorted(v.latent_sides))
         self.warm = True
         log.info(
-            "warmed up %d tokenizers, %d generators on buckets %s",
+            "warmed up %d tokenizers, %d SD-VAEs, %d generators on buckets %s",
             len(self.tokenizers),
+            len(self.vaes),
             len(self.generators),
             buckets,
         )
 
-    # --- the configured backend, proven in the background ----------------------------------
+    # --- the configured backend, proven in the background (service/backend_tuning.py) --
     def start_tuning(self) -> None:
-        """Prove the configured backend of every model in a background thread and swap it in
-        (``tune_backends``); eager serves meanwhile. No-op for ``eager``."""
-        if not self.loaded or self._tuner is not None:
-            return
-        if self.backend == "eager":
-            self.tuned.set()
-            return
-        self._tuner = threading.Thread(
-            target=self.tune_backends, name="softvq-backend-tuner", daemon=True
-        )
-        self._tuner.start()
+        self.tuner.start()
 
     def tune_backends(self) -> None:
-        """For each model: build the configured backend, warm it up at every bucket, check it
-        against eager, time it (``auto``), and swap the winner in between two batches (under
-        ``lock``). A backend that fails is logged and skipped (model.backends.auto); this
-        never raises, and eager keeps serving whatever happens."""
-        if not self.loaded:
-            raise RuntimeError("tuning needs a registry built with load_weights=True")
-        entries = [("tokenizer", e) for e in self.tokenizers.values()]
-        entries += [("generator", e) for e in self.generators.values()]
-        t0 = time.perf_counter()
-        for kind, entry in entries:
-            if self._stop_tuning.is_set():
-                log.info("backend tuning stopped before %s (shutting down)", entry.name)
-                break
-            try:
-                self._tune(kind, entry)
-            except Exception:  # noqa: BLE001 - a bug here must not take serving down
-                log.exception("backend tuning of %s failed; it stays on eager", entry.name)
-        self.tuned.set()
-        log.info(
-            "backends settled in %.1fs: %s",
-            time.perf_counter() - t0,
-            ", ".join(f"{e.name}={e.runner.backend}" for _, e in entries),
-        )
+        self.tuner.run()
 
     def stop_tuning(self, wait_s: float = 2.0) -> bool:
-        """Ask the tuner to stop after the model it is proving; True once it has ended (or
-        never ran). A compile or export in progress cannot be interrupted: a process that must
-        exit while this is False should not run the interpreter's finalisation under it."""
-        self._stop_tuning.set()
-        if self._tuner is not None:
-            self._tuner.join(wait_s)
-            return not self._tuner.is_alive()
-        return True
+        return self.tuner.stop(wait_s)
 
-    def _tune(self, kind: str, entry: TokenizerEntry | GeneratorEntry) -> None:
-        eager = entry.runner
-        if self.backend == "eager" or eager.backend != "eager":
-            return
-        cache_dir = self.settings.cache_dir
-        choice = choose_backend(
-            kind,
-            entry.name,
-            eager,
-            self.backend,
-            lambda b: build_runner(kind, entry.model, b, buckets=self.buckets, cache_dir=cache_dir),
-            cache_dir=cache_dir,
-            timing_lock=self.lock,
-        )
-        if choice.runner is eager:
-            return
-        with self.lock:  # between two batches: the executor holds it for a whole batch
-            self._unexport_info(kind, entry)
-            entry.runner = choice.runner
-            self._export_info_one(kind, entry)
-        log.info(
-            "%s %s now runs on %s (was eager)%s",
-            kind,
-            entry.name,
-            choice.backend,
-            f"; seconds per call {choice.timings}" if choice.timings else "",
-        )
+    @property
+    def tuned(self) -> threading.Event:
+        return self.tuner.done
+
+    def swap_runner(self, kind: str, entry, runner) -> None:
+        """Serve ``entry`` on ``runner`` from now on (the caller holds ``lock``) and relabel
+        its ``softvq_model_info``."""
+        self._unexport_info(kind, entry)
+        entry.runner = runner
+        self._export_info_one(kind, entry)
 
     def _labels(self, kind: str, e) -> dict[str, str]:
         return dict(
@@ -390,44 +467,14 @@ class ModelRegistry:
         for kind, entries in (("tokenizer", self.tokenizers), ("generator", self.generators)):
             for e in entries.values():
                 self._export_info_one(kind, e)
+        for g in self.generators.values():
+            metrics.GENERATOR_FAMILY.labels(
+                model=g.name, family=g.family, speed_reference=str(g.speed_reference).lower()
+            ).set(1)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _configured_models(settings):
-    """-> ({tokenizer: path}, {generator: (path, tokenizer)}, (default tok, default gen)).
-    Empty settings fall back to the bundled demo weights that exist on disk."""
-    if settings.tokenizers:
-        gens = {n: (s.path, s.tokenizer) for n, s in settings.generators.items()}
-        return (
-            dict(settings.tokenizers),
-            gens,
-            (settings.default_tokenizer, settings.default_generator),
-        )
-    if settings.generators:
-        raise RegistryError("generators are configured but no tokenizers")
-    from model import demo
-
-    toks = {n: str(demo.demo_path(n)) for n in demo.DEMO_TOKENIZERS if demo.demo_available(n)}
-    gens = {
-        n: (str(demo.demo_path(n)), t)
-        for n, t in demo.DEMO_GENERATORS.items()
-        if t in toks and demo.demo_available(n)
-    }
-    if not toks:
-        raise RegistryError(
-            "no models configured (SOFTVQ_TOKENIZERS) and no bundled demo weights found in "
-            f"{demo.DEMO_WEIGHTS_DIR}"
-        )
-    default_tok = settings.default_tokenizer or (
-        demo.DEFAULT_TOKENIZER if demo.DEFAULT_TOKENIZER in toks else None
-    )
-    default_gen = settings.default_generator or (
-        demo.DEFAULT_GENERATOR if demo.DEFAULT_GENERATOR in gens else None
-    )
-    return toks, gens, (default_tok, default_gen)
 
 
 RUN_FIELDS = ("backend", "device", "dtype")

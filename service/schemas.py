@@ -145,6 +145,7 @@ class GenerateResponse(ImagesResponse):
 class ModelsResponse(BaseModel):
     tokenizers: list[dict]
     generators: list[dict]
+    vaes: list[dict] = []  # SD-VAEs decoding the 2-D baseline's latents
 
 
 class WorkersResponse(BaseModel):

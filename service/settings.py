@@ -3,7 +3,8 @@
 Model maps are JSON in the environment, e.g.
 ``SOFTVQ_TOKENIZERS='{"softvq-l-64": "/models/softvq-l-64"}'`` and
 ``SOFTVQ_GENERATORS='{"sit-xl-l64": {"path": "/models/sit-xl-l64", "tokenizer": "softvq-l-64"}}'``.
-Relative paths resolve against ``SOFTVQ_MODEL_ROOT``. Left empty, the bundled demo models
+Relative paths resolve against ``SOFTVQ_MODEL_ROOT``; ``hf://OWNER/REPO[@REVISION]`` paths come
+from the Hugging Face Hub's cache (service/hub.py). Left empty, the bundled demo models
 are served.
 """
 
@@ -21,7 +22,7 @@ from .liveness import DEFAULT_FILE as DEFAULT_LIVENESS_FILE
 
 class GeneratorSpec(BaseModel):
     path: str
-    tokenizer: str
+    tokenizer: str  # a tokenizer's name, or an SD-VAE's (``vaes``) for a 2-D generator
 
 
 class BatchPolicyOverride(BaseModel):
@@ -44,8 +45,29 @@ class Settings(BaseSettings):
     tokenizers: dict[str, str] = Field(
         default_factory=dict, description="tokenizer name -> directory"
     )
+    vaes: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "SD-VAE name -> diffusers AutoencoderKL directory (config.json +"
+            " diffusion_pytorch_model.safetensors): the decoder of 2-D generators, which name"
+            " it as their tokenizer"
+        ),
+    )
     generators: dict[str, GeneratorSpec] = Field(
-        default_factory=dict, description="generator name -> {path, tokenizer}"
+        default_factory=dict,
+        description=(
+            "generator name -> {path, tokenizer}; path: a directory, or a released SiT .pt"
+            " file; tokenizer: a tokenizer, or an SD-VAE for a 2-D generator"
+        ),
+    )
+    compare: Literal["cpu", "gpu"] | None = Field(
+        None,
+        description=(
+            "speed-comparison profile: also serve three random-weight generators at the"
+            " benchmark's sizes (SiT on 32 and 64 tokens + SoftVQ decoders, SiT/2 on 4x32x32"
+            " latents + SD-VAE); cpu = 1/4-width preset, gpu = SiT-XL, SoftVQ-L/-B, full"
+            " SD-VAE. Their images are noise"
+        ),
     )
     default_tokenizer: str | None = Field(
         None, description="tokenizer used when a request names none"

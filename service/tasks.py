@@ -289,7 +289,7 @@ class Generate(GeneratorTask):
         self, registry, model: str, inputs: GenerateInputs, progress: BatchProgress | None
     ) -> dict[str, np.ndarray]:
         gen = registry.generator(model)
-        tok = registry.tokenizer(gen.tokenizer)
+        decoder = registry.latent_decoder(gen.tokenizer)  # a SoftVQ tokenizer or an SD-VAE
         q = inputs.params
         lo, hi = q.get("guidance_interval", (0.0, 1.0))
         z = sample_latents(
@@ -304,10 +304,10 @@ class Generate(GeneratorTask):
             cuda_graphs=registry.settings.cuda_graphs,
             on_step=progress.on_step if progress is not None else None,
         )
-        S = tok.image_size
+        S = gen.image_size
         out = np.zeros((len(inputs.labels), S, S, 3), dtype=np.uint8)
         if z.shape[0]:  # rows of cancelled jobs left the loop: their images stay zero
-            images = tok.runner.decode(z.float() * tok.vq_std + tok.vq_mean).float()
+            images = decoder.runner.decode(z.float() * decoder.vq_std + decoder.vq_mean).float()
             rows = progress.kept_rows(inputs.jobs) if progress is not None else slice(None)
             out[rows] = tensor_to_uint8(images)
         return {"images": out}

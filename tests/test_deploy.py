@@ -17,6 +17,7 @@ import base64
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import shlex
@@ -45,6 +46,7 @@ COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 DASHBOARD_DIR = DEPLOY / "grafana" / "dashboards"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+RECORDING = DEPLOY / "prometheus" / "recording.yml"
 K8S = DEPLOY / "k8s"
 DOCS = [ROOT / "README.md", ROOT / "docs" / "DEPLOY.md"]
 
@@ -832,6 +834,20 @@ def test_queried_metrics_and_labels_are_defined_in_service_metrics():
         check_names_and_labels(where, expr, exported)
 
 
+def test_recording_rules_read_exported_series_and_are_loaded():
+    exported = {n: set(labels) for n, (_, labels) in defined_metrics().items()}
+    rules = [r for g in yaml.safe_load(RECORDING.read_text())["groups"] for r in g["rules"]]
+    records = {r["record"] for r in rules}
+    assert "model:softvq_generate_speedup_vs_2d:rate5m" in records
+    for r in rules:
+        expr = r["expr"]
+        for name in sorted(records, key=len, reverse=True):  # rules reading earlier rules
+            expr = expr.replace(name, "")
+        check_names_and_labels(r["record"], expr, exported)
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert any(f.endswith("/recording.yml") for f in config["rule_files"])
+
+
 # --- promtool (validates PromQL fully and runs the alert unit tests) ------------------------
 needs_promtool = pytest.mark.skipif(
     shutil.which("promtool") is None, reason="promtool not installed"
@@ -846,6 +862,7 @@ def test_promtool_accepts_config_rules_and_dashboard_queries(tmp_path):
 
     promtool("check", "config", "--syntax-only", str(DEPLOY / "prometheus/prometheus.yml"))
     promtool("check", "rules", str(ALERTS))
+    promtool("check", "rules", str(RECORDING))
     # dashboard queries as recording rules, with Grafana's variables filled in
     rules = [
         {
@@ -861,9 +878,10 @@ def test_promtool_accepts_config_rules_and_dashboard_queries(tmp_path):
 
 
 @needs_promtool
-def test_alert_rules_fire_when_they_should():
+@pytest.mark.parametrize("unit_tests", ["alerts_test.yml", "recording_test.yml"])
+def test_alert_and_recording_rules_do_what_they_should(unit_tests):
     r = subprocess.run(
-        ["promtool", "test", "rules", "alerts_test.yml"],
+        ["promtool", "test", "rules", unit_tests],
         cwd=DEPLOY / "prometheus",
         capture_output=True,
         text=True,
@@ -940,6 +958,46 @@ def test_k8s_services_and_disruption_budgets_select_real_pods():
     sts = k8s_find("StatefulSet", url.hostname)
     args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
+
+
+def test_compare_profile_overrides_of_compose_and_k8s():
+    """deploy/compose.compare.yml and the deploy/k8s-compare overlay turn the compare profile
+    on with valid settings, and KEDA scales on the three generators' streams."""
+    from service.broker.redis_streams import Keys
+    from service.compare import REFERENCE_GENERATORS
+    from service.settings import Settings
+
+    override = load_yaml(DEPLOY / "compose.compare.yml")["services"]
+    assert set(override) == {"api", "worker"}
+    for svc in override.values():
+        env = {
+            k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in svc["environment"].items()
+        }
+        assert set(env) <= settings_env_names()
+        s = Settings(**{k.removeprefix("SOFTVQ_").lower(): v for k, v in env.items()})
+        assert s.compare == "gpu" and s.default_generator in REFERENCE_GENERATORS
+
+    overlay = DEPLOY / "k8s-compare"
+    kust = load_yaml(overlay / "kustomization.yaml")
+    assert kust["resources"] == ["../k8s"]
+    cm = load_yaml(overlay / "configmap-compare.yaml")
+    assert cm["metadata"]["name"] == "softvq-config"
+    data = {**k8s_find("ConfigMap", "softvq-config")["data"], **cm["data"]}
+    assert set(data) <= settings_env_names()
+    s = Settings(**{k.removeprefix("SOFTVQ_").lower(): v for k, v in data.items()})
+    assert s.compare == "gpu" and s.cache_dir.startswith("/tmp/")  # pods' writable emptyDir
+    patch = yaml.safe_load((overlay / "keda-compare.yaml").read_text())
+    keys = Keys(Settings().stream_prefix)
+    assert {p["value"]["metadata"]["stream"] for p in patch} == {
+        keys.stream(g, "generate") for g in REFERENCE_GENERATORS
+    }
+    assert all(p["op"] == "add" and p["path"] == "/spec/triggers/-" for p in patch)
+    if shutil.which("kubectl"):
+        r = subprocess.run(
+            ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode == 0, r.stderr
+        assert "SOFTVQ_COMPARE: gpu" in r.stdout
 
 
 def configured_streams() -> set[tuple[str, str]]:
@@ -1068,6 +1126,10 @@ def one_request_of_each_kind(base: str) -> None:
             f"{base}/generate", {"model": gen, "num_images": 2, "seed": 3, "steps": 2}
         )
         assert status == 200, body
+    status, body = http(
+        f"{base}/generate", {"model": "sit2d-tiny", "num_images": 2, "seed": 3, "steps": 2}
+    )
+    assert status == 200, body
     status, body = http(f"{base}/generate", {"model": "sit-tiny", "steps": 0})
     assert status == 422 and json.loads(body)["error"], body
 
@@ -1134,18 +1196,37 @@ def check_scrape(exported: dict[str, set[str]], samples: dict[str, list[dict]]) 
     assert {"200", "422"} <= statuses
     # the alert rules' endpoint matchers split the endpoints as intended
     assert [e for e in endpoints if re.fullmatch(".*generate.*", e)] == ["/generate"]
-    assert {s["model"] for s in samples["softvq_model_info"]} == {
-        "tiny",
-        "tiny16",
-        "sit-tiny",
-        "sit-tiny16",
+    assert {s["model"] for s in samples["softvq_model_info"]} == TINY_MODELS
+    families = {(s["model"], s["family"]) for s in samples["softvq_generator_family"]}
+    assert families == {
+        ("sit-tiny", "softvq"),
+        ("sit-tiny16", "softvq"),
+        ("sit2d-tiny", "latent-2d"),
     }
     assert samples["softvq_worker_busy_seconds_total"] and samples["softvq_queue_depth"]
 
 
+TINY_MODELS = {"tiny", "tiny16", "sit-tiny", "sit-tiny16", "sit2d-tiny"}
+
+
 @pytest.fixture(scope="module")
-def tiny_env(api_env):
-    return {**api_env, "SOFTVQ_HOST": "127.0.0.1"}
+def tiny_env(api_env, api_model_root):
+    """The tiny models, plus the 2-D baseline (the official SiT/2 layout + a tiny SD-VAE), so
+    the speedup rules and panels have a denominator."""
+    from model.sd_vae import random_sd_vae, save_sd_vae
+
+    root = Path(api_model_root)
+    if not (root / "sit2d-tiny").exists():
+        shutil.copytree(ROOT / "tests/fixtures/official-tiny/sit2d", root / "sit2d-tiny")
+        save_sd_vae(random_sd_vae(0.0625, 1, sample_size=64), root / "sd-vae-tiny")
+    gens = json.loads(api_env["SOFTVQ_GENERATORS"])
+    gens["sit2d-tiny"] = {"path": "sit2d-tiny", "tokenizer": "sd-vae-tiny"}
+    return {
+        **api_env,
+        "SOFTVQ_HOST": "127.0.0.1",
+        "SOFTVQ_VAES": json.dumps({"sd-vae-tiny": "sd-vae-tiny"}),
+        "SOFTVQ_GENERATORS": json.dumps(gens),
+    }
 
 
 def test_image_cmd_serves_healthcheck_and_every_queried_metric(tiny_env):
@@ -1289,7 +1370,7 @@ def test_real_prometheus_evaluates_every_dashboard_query_and_alert(compose_topol
     error, and every dashboard query returns series (except the ones about errors)."""
     config = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
-    config["rule_files"] = [str(ALERTS)]
+    config["rule_files"] = [str(ALERTS), str(RECORDING)]
     targets = {"softvq-api": compose_topology["api"], "softvq-worker": compose_topology["worker"]}
     for job in config["scrape_configs"]:
         if job["job_name"] in targets:
@@ -1322,7 +1403,10 @@ def test_real_prometheus_evaluates_every_dashboard_query_and_alert(compose_topol
         time.sleep(2)
         status, body = http(f"{base}/api/v1/rules")
         rules = [r for g in json.loads(body)["data"]["groups"] for r in g["rules"]]
-        assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()}
+        records = [r for g in yaml.safe_load(RECORDING.read_text())["groups"] for r in g["rules"]]
+        assert {r["name"] for r in rules} == {r["alert"] for r in alert_rules()} | {
+            r["record"] for r in records
+        }
         for r in rules:
             assert r["health"] == "ok", f"{r['name']}: {r.get('lastError')}"
         # every dashboard query, with Grafana's variables as Grafana fills them
@@ -1330,12 +1414,43 @@ def test_real_prometheus_evaluates_every_dashboard_query_and_alert(compose_topol
             if expr.startswith("label_values("):
                 metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", expr).groups()
                 values = {r["metric"][label] for r in prom_query(base, metric)}
-                assert values == {"tiny", "tiny16", "sit-tiny", "sit-tiny16"}, where
+                assert values == TINY_MODELS, where
                 continue
             q = expr.replace("$__rate_interval", "1m").replace("$model", ".*")
             result = prom_query(base, q)
             if not any(marker in expr for marker in MAY_BE_EMPTY):
                 assert result, f"{where}: no data for {q}"
+        # the speedup vs the 2-D baseline, recorded from what the worker exports under load
+        speedup = "model:softvq_generate_speedup_vs_2d:rate5m"
+        end = time.monotonic() + 60
+        got = {}
+        while time.monotonic() < end and len(got) < 3:
+            for gen in ("sit-tiny", "sit-tiny16", "sit2d-tiny"):
+                status, body = http(
+                    f"{compose_topology['api']}/generate",
+                    {"model": gen, "num_images": 2, "seed": 5, "steps": 2},
+                )
+                assert status == 200, body
+            got = {
+                r["metric"]["model"]: float(r["value"][1])
+                for r in prom_query(base, speedup)
+                if math.isfinite(float(r["value"][1]))
+            }
+            time.sleep(1)
+        assert set(got) == {"sit-tiny", "sit-tiny16", "sit2d-tiny"}, got
+        assert got["sit2d-tiny"] == pytest.approx(1.0) and got["sit-tiny"] > 0, got
+        # loadtests.compare reading the same counters through this Prometheus (the workers
+        # publish no port in compose): every generated image of a phase is counted
+        from loadtests import compare
+
+        out = tmp_path / "compare"
+        argv = ["--url", compose_topology["api"], "--prometheus", base, "--settle", "4"]
+        argv += ["--models", "sit-tiny,sit2d-tiny", "--duration", "2", "--rounds", "1"]
+        assert compare.main([*argv, "--concurrency", "2", "--steps", "2", "--out", str(out)]) == 0
+        report = json.loads((out / "compare.json").read_text())
+        assert report["baseline"] == "sit2d-tiny"
+        for r in report["results"].values():
+            assert r["images"] == r["requests_ok"] > 0 and r["model_s_per_image"] > 0, r
     finally:
         stop(prom)
 

@@ -311,6 +311,64 @@ def build() -> dict:
     ]
     L.add(models, 6, 9)
 
+    # --- the speedup, live ------------------------------------------------------------------
+    # The same arithmetic as deploy/prometheus/recording.yml (model:softvq_generate_speedup_vs_2d
+    # :rate5m), written out so the dashboard works on a Prometheus without those rules.
+    L.row("Speedup vs 2-D baseline")
+    gen = f'task="generate", {M}'
+    per_image = (
+        f"sum by (model) (rate(softvq_compute_seconds_sum{{{gen}}}[5m])) / "
+        f"sum by (model) (rate(softvq_images_processed_total{{{gen}}}[5m]))"
+    )
+    baseline = (
+        f"avg(({per_image}) * on (model) group_left () max by (model) "
+        f'(softvq_generator_family{{family="latent-2d"}}))'
+    )
+    L.add(
+        timeseries(
+            "Generated images/s: SoftVQ generators beside the 2-D baseline",
+            "Images generated per second by each generator (SiT on 32 / 64 SoftVQ tokens, and "
+            "SiT/2 on SD-VAE latents decoded by the SD-VAE), side by side under the same traffic.",
+            [
+                target(
+                    f"sum by (model) (rate(softvq_images_processed_total{{{gen}}}[{RATE}]))",
+                    "{{model}}",
+                )
+            ],
+            "short",
+        ),
+        10,
+    )
+    speedup = panel(
+        "stat",
+        "Speedup vs 2-D baseline (model time per image, 5 min)",
+        "Seconds of model time per image of the 2-D baseline (family latent-2d) divided by "
+        "each generator's own: how many times cheaper its images are on this hardware. The "
+        "baseline reads 1; nothing shows while no baseline has generated in the last 5 min.",
+        [target(f"{baseline} / on () group_right () ({per_image})", "{{model}}", instant=True)],
+        "x",
+        reduceOptions={"calcs": ["lastNotNull"], "fields": "", "values": False},
+        colorMode="background",
+        graphMode="none",
+        textMode="value_and_name",
+    )
+    speedup["fieldConfig"]["defaults"]["decimals"] = 1
+    speedup["fieldConfig"]["defaults"]["thresholds"] = {
+        "mode": "absolute",
+        "steps": [{"value": None, "color": "blue"}, {"value": 1.5, "color": "green"}],
+    }
+    L.add(speedup, 6)
+    L.add(
+        timeseries(
+            "Model seconds per generated image",
+            "Model (compute) time of generate batches divided by the images they made, per "
+            "generator, over 5 min: the cost of one image, independent of the traffic mix.",
+            [target(per_image, "{{model}}")],
+            "s",
+        ),
+        8,
+    )
+
     # --- latency --------------------------------------------------------------------------
     L.row("Latency")
     L.add(

@@ -131,10 +131,7 @@ class GeneratorRunner(Runner):
 
     def input_shape(self) -> tuple[int, ...]:
         """One sample's x: (L, D) for 1-D SiT, (C, H, W) for the 2-D baseline."""
-        cfg = self.gen.config
-        if cfg.vae_1d:
-            return (self.num_tokens, self.token_dim)
-        return (cfg.in_channels, cfg.input_size, cfg.input_size)
+        return tuple(self.gen.latent_shape)
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
