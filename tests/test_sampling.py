@@ -113,6 +113,7 @@ class CountingModel:
         self.gen, self.rows, self.calls = gen, 0, 0
         self.num_classes, self.dtype, self.device = gen.num_classes, gen.dtype, gen.device
         self.num_tokens, self.token_dim = gen.num_tokens, gen.token_dim
+        self.latent_shape = gen.latent_shape
 
     def __call__(self, x, t, y):
         self.rows += x.shape[0]
