@@ -132,8 +132,12 @@ def sample_graphed(
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     path: str = "linear",
     generators=None,
+    on_step=None,
 ) -> torch.Tensor:
     """Like model.sampling.sample; on CUDA the ODE samplers replay a cached CUDA graph.
+
+    A replayed graph runs every step in one call, so ``on_step`` is called once, after the
+    last step (rows it drops are then dropped from the result).
 
     Graphs are cached per (model, batch, shape, steps, sampler, interval, guided), at most
     MAX_CACHED_GRAPHS of them (each holds its own memory pool).
@@ -142,7 +146,16 @@ def sample_graphed(
     eager = getattr(gen, "backend", "eager") == "eager"
     if not (noise.is_cuda and eager and sampler in GRAPH_SAMPLERS and torch.cuda.is_available()):
         return sample(
-            gen, noise, labels, steps, sampler, cfg_scale, guidance_interval, path, generators
+            gen,
+            noise,
+            labels,
+            steps,
+            sampler,
+            cfg_scale,
+            guidance_interval,
+            path,
+            generators,
+            on_step=on_step,
         )
     check_sampling_inputs(gen, noise, labels, steps, sampler, path)
     n = noise.shape[0]
@@ -174,4 +187,6 @@ def sample_graphed(
         while len(_cache) > MAX_CACHED_GRAPHS:
             _cache.popitem(last=False)
     _cache.move_to_end(key)
-    return graphed(noise, labels, scale)[:n]
+    x = graphed(noise, labels, scale)[:n]
+    keep = on_step(int(steps), int(steps), x) if on_step is not None else None
+    return x if keep is None else x[torch.as_tensor(keep, dtype=torch.long, device=x.device)]

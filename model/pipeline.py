@@ -51,9 +51,12 @@ def sample_latents(
     guidance_interval: tuple[float, float] = (0.0, 1.0),
     path: str = "linear",
     cuda_graphs: bool = False,
+    on_step=None,
 ) -> torch.Tensor:
     """Normalised latents (B, L, D) (2-D models: (B, C, H, W)) in float32, each drawn from
     its own seed.
+
+    ``on_step(step, steps, x)``: progress and row dropping, see ``model.sampling``.
 
     ``cuda_graphs``: on CUDA with an eager runner, replay the whole Euler / Heun step loop as
     one CUDA graph (``model.fast_sampling``); everywhere else it changes nothing."""
@@ -77,6 +80,7 @@ def sample_latents(
         guidance_interval=guidance_interval,
         path=path,
         generators=generators,
+        on_step=on_step,
     )
 
 

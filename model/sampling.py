@@ -6,17 +6,26 @@ the model sees its own dtype.
 
 Classifier-free guidance runs the conditional and null inputs as one batch of 2B, and only
 while t_cur is inside the guidance interval; outside it the null branch is skipped.
+
+``on_step(step, steps, x)`` (optional) is called after each step with the state of the rows
+still sampled. It returns None to go on, or the indices of the rows to keep: the others leave
+the loop at once (a caller that gave up on them), the rest continue unchanged (every sample
+has its own noise and guidance scale), and the result holds only the kept rows. The call is
+the only cost when it returns None, so a cheap callback does not slow the loop.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 SAMPLERS = ("euler", "heun", "euler-maruyama")
 PATHS = ("linear", "cosine")
+
+# on_step(step, steps, x) -> None (go on) or indices of the rows of x to keep.
+StepCallback = Callable[[int, int, torch.Tensor], "Sequence[int] | torch.Tensor | None"]
 
 
 def path_coefficients(t: torch.Tensor, path: str):
@@ -72,6 +81,10 @@ class GuidedVelocity:
         self.any_guided = bool(self.guided.any())
         self.lo, self.hi = interval
         self.null = torch.full_like(labels, model.num_classes)
+
+    def subset(self, keep: torch.Tensor) -> GuidedVelocity:
+        """The same guidance for the rows ``keep`` only."""
+        return GuidedVelocity(self.model, self.labels[keep], self.scale[keep], (self.lo, self.hi))
 
     def use_guidance(self, t_cur: float) -> bool:
         return self.any_guided and self.lo <= t_cur <= self.hi
@@ -130,6 +143,7 @@ def sample(
     path: str = "linear",
     generators: Sequence[torch.Generator] | None = None,
     t_start: float = 1.0,
+    on_step: StepCallback | None = None,
 ) -> torch.Tensor:
     """Integrate from noise (t = 1) to data (t = 0).
 
@@ -137,6 +151,7 @@ def sample(
     noise's shape, in noise's dtype. ``generators`` (one per sample) drive the SDE's noise.
     ``t_start`` < 1 (ODE samplers only): ``noise`` is a partly noised x_t at that time (the
     evaluation's diagnostic of which noise levels a generator can undo).
+    ``on_step``: see the module docstring; rows it drops are missing from the result.
     """
     check_sampling_inputs(gen, noise, labels, steps, sampler, path)
     if t_start != 1.0 and (sampler == "euler-maruyama" or not 0.0 < t_start < 1.0):
@@ -144,23 +159,50 @@ def sample(
     velocity = GuidedVelocity(gen, labels, cfg_scale, guidance_interval)
     x = noise.to(torch.float64)
     if sampler == "euler-maruyama":
-        x = _euler_maruyama(velocity, x, steps, path, generators)
+        x = _euler_maruyama(velocity, x, steps, path, generators, on_step)
     else:
-        x = _ode(velocity, x, steps, heun=sampler == "heun", t_start=t_start)
+        x = _ode(velocity, x, steps, heun=sampler == "heun", t_start=t_start, on_step=on_step)
     return x.to(noise.dtype)
 
 
+class _Rows:
+    """The loop's per-row state, narrowed when ``on_step`` drops rows."""
+
+    def __init__(self, velocity: GuidedVelocity, generators, on_step: StepCallback | None):
+        self.velocity, self.generators, self.on_step = velocity, generators, on_step
+
+    def after(self, step: int, steps: int, x: torch.Tensor) -> torch.Tensor:
+        if self.on_step is None:
+            return x
+        keep = self.on_step(step, steps, x)
+        if keep is None:
+            return x
+        keep = torch.as_tensor(keep, dtype=torch.long).reshape(-1)
+        self.velocity = self.velocity.subset(keep.to(self.velocity.labels.device))
+        if self.generators is not None:
+            self.generators = [self.generators[i] for i in keep.tolist()]
+        return x[keep.to(x.device)]
+
+
 def _ode(
-    velocity: GuidedVelocity, x: torch.Tensor, steps: int, heun: bool, t_start: float = 1.0
+    velocity: GuidedVelocity,
+    x: torch.Tensor,
+    steps: int,
+    heun: bool,
+    t_start: float = 1.0,
+    on_step: StepCallback | None = None,
 ) -> torch.Tensor:
+    rows = _Rows(velocity, None, on_step)
     grid = torch.linspace(t_start, 0, steps + 1, dtype=torch.float64).tolist()
     for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
-        d_cur = velocity(x, t_cur, t_cur)
+        if x.shape[0] == 0:
+            break  # every row was dropped
+        d_cur = rows.velocity(x, t_cur, t_cur)
         x_next = x + (t_next - t_cur) * d_cur
         if heun and i < steps - 1:
-            d_prime = velocity(x_next, t_next, t_cur)
+            d_prime = rows.velocity(x_next, t_next, t_cur)
             x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
-        x = x_next
+        x = rows.after(i + 1, steps, x_next)
     return x
 
 
@@ -170,7 +212,9 @@ def _euler_maruyama(
     steps: int,
     path: str,
     generators: Sequence[torch.Generator] | None,
+    on_step: StepCallback | None = None,
 ) -> torch.Tensor:
+    rows = _Rows(velocity, generators, on_step)
     grid = torch.cat(
         [torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
     )
@@ -184,13 +228,18 @@ def _euler_maruyama(
 
         return drift, w
 
-    for t_cur, t_next in zip(grid[:-2], grid[1:-1]):
+    for i, (t_cur, t_next) in enumerate(zip(grid[:-2], grid[1:-1])):
+        if x.shape[0] == 0:
+            return x  # every row was dropped
         dt = t_next - t_cur
         drift, w = drift_at(t_cur)
-        eps = _randn_like(x, generators)
-        d = velocity(x, t_cur, t_cur, transform=drift)
-        x = x + d * dt + math.sqrt(w) * math.sqrt(abs(dt)) * eps
+        eps = _randn_like(x, rows.generators)
+        d = rows.velocity(x, t_cur, t_cur, transform=drift)
+        x = rows.after(i + 1, steps, x + d * dt + math.sqrt(w) * math.sqrt(abs(dt)) * eps)
+    if x.shape[0] == 0:
+        return x
     # Last step (0.04 -> 0): the drift alone, no noise.
     t_cur, t_next = grid[-2], grid[-1]
     drift, _ = drift_at(t_cur)
-    return x + (t_next - t_cur) * velocity(x, t_cur, t_cur, transform=drift)
+    x = x + (t_next - t_cur) * rows.velocity(x, t_cur, t_cur, transform=drift)
+    return rows.after(steps, steps, x)

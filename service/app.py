@@ -12,39 +12,45 @@ Each route is thin: parse -> validate (everything, before any queueing) -> build
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
-import secrets
 import time
 from contextlib import asynccontextmanager, suppress
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-import model as models
-
 from . import codec, errors, metrics
+from .async_jobs import AsyncJobs
 from .auth import AuthMiddleware
 from .batcher import exit_for_restart
 from .errors import ApiError
+from .job_store import make_job_store
 from .jobs import Job, JobTimeout
+from .jobs_api import accepted_response, install_job_routes, owner_of, wants_async
 from .middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from .prepare import (
+    Prepared,
+    no_cache,
+    prepare_decode,
+    prepare_generate,
+    prepare_image_task,
+    read_image_request,
+)
 from .registry import with_workers
+from .result_cache import cache_key, make_result_cache
 from .schemas import (
-    MAX_SEED,
     DecodeRequest,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
     ImagesResponse,
+    JobAccepted,
     ModelsResponse,
     ReconstructRequest,
     ReconstructResponse,
@@ -55,8 +61,6 @@ from .schemas import (
 from .settings import Settings, get_settings
 
 log = logging.getLogger("softvq.api")
-
-DEFAULT_STEPS = 50
 # Past its deadline the broker answers JobTimeout itself; this grace only guards against a
 # broker that never answers.
 DEADLINE_GRACE_S = 5.0
@@ -70,6 +74,9 @@ class Service:
         self.registry, self.broker = registry, broker
         self.embedded = settings.redis_url is None
         self.started = False  # broker running: requests are accepted
+        self.cache = None  # service/result_cache.py, when caching is on
+        self.jobs: AsyncJobs | None = None  # async jobs (POST /jobs)
+        self._redis = None  # Redis mode: the client of the job store and the cache
 
     async def start(self) -> None:
         from .broker import make_broker
@@ -83,6 +90,12 @@ class Service:
         if self.broker is None:
             self.broker = make_broker(self.settings, self.registry)
         self.broker.on_fatal = self.fatal
+        if not self.embedded:
+            from .broker.redis_streams import connect
+
+            self._redis = connect(self.settings.redis_url, max_connections=256)
+        self.cache = make_result_cache(self.settings, self._redis)
+        self.jobs = AsyncJobs(make_job_store(self.settings, self._redis), self.run, self.broker)
         # The embedded broker warms the models up in the background: /healthz answers at
         # once, /readyz says 503 until the warm-up is done (broker.ready()).
         await self.broker.start()
@@ -102,9 +115,13 @@ class Service:
         self.started = False
         if self.broker is not None:
             await self.broker.stop()  # graceful: finishes the jobs it holds
+            if self.jobs is not None:
+                await self.jobs.stop()  # their results stored
             ok, why = self.broker.alive()
             if not ok:
                 exit_for_restart(why)
+        if self._redis is not None:
+            await self._redis.aclose(close_connection_pool=True)
 
     # --- helpers of the routes ----------------------------------------------------------
     def tokenizer(self, name: str | None, request: Request):
@@ -117,20 +134,36 @@ class Service:
         request.state.model = entry.name
         return entry
 
-    def deadline(self, timeout_s: float | None) -> float:
-        limit = self.settings.request_timeout_s
-        return time.time() + (min(timeout_s, limit) if timeout_s else limit)
-
     def check_count(self, n: int, what: str = "images") -> None:
         limit = self.settings.max_images_per_request
         if n > limit:
             raise ApiError(422, "too_many_images", f"{n} {what}; at most {limit} per request")
 
-    async def submit(self, request: Request, job: Job) -> dict:
-        """Run ``job`` on the broker; drop it if the client disconnects first."""
+    async def run(self, job: Job, use_cache: bool = True) -> dict:
+        """A job's result: from the result cache when it holds it (no worker sees the job),
+        else from the broker (and then cached). ``use_cache`` False (``Cache-Control:
+        no-cache``) skips the lookup only."""
+        cache = self.cache if job.task in self.settings.cache_tasks else None
+        if cache is None:
+            return await self.broker.submit(job)
+        key = await run_in_threadpool(cache_key, job)  # hashes the pixels: off the loop
+        labels = {"model": job.model, "task": job.task}
+        if use_cache:
+            hit = await cache.get(key)
+            if hit is not None:
+                metrics.CACHE_HITS.labels(**labels).inc()
+                return hit
+        metrics.CACHE_MISSES.labels(**labels).inc()
+        metrics.CACHE_HITS.labels(**labels)  # exported from 0, for the hit ratio's rate()
+        result = await self.broker.submit(job)
+        await cache.put(key, result)
+        return result
+
+    async def submit(self, request: Request, job: Job, use_cache: bool = True) -> dict:
+        """Run ``job`` (cache, then broker); drop it if the client disconnects first."""
         if not self.started:
             raise ApiError(503, "not_ready", "service is starting", {"Retry-After": "1"})
-        work = asyncio.ensure_future(self.broker.submit(job))
+        work = asyncio.ensure_future(self.run(job, use_cache))
         watch = asyncio.ensure_future(_wait_disconnect(request))
         budget = max(0.0, job.deadline - time.time()) + DEADLINE_GRACE_S
         try:
@@ -159,77 +192,7 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-# --- request parsing ------------------------------------------------------------------------
-def _validate(schema: type[BaseModel], data) -> BaseModel:
-    try:
-        return schema.model_validate(data)
-    except ValidationError as e:
-        raise RequestValidationError(
-            [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]
-        ) from None
-
-
-async def read_json(request: Request) -> object:
-    body = await request.body()
-    if not body:
-        raise ApiError(422, "invalid_request", "empty body; expected JSON")
-    try:
-        return await run_in_threadpool(json.loads, body)  # up to max_body_bytes: off the loop
-    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
-        raise ApiError(400, "invalid_json", "body is not valid JSON") from None
-
-
-async def run_image_task(request: Request, schema: type[BaseModel], task: str, svc: Service):
-    """Parse an image request, decode its images for the chosen tokenizer and run ``task``
-    on them -> (validated request, tokenizer entry, result)."""
-    req, blobs = await read_image_request(request, schema, svc)
-    tok = svc.tokenizer(req.model, request)
-    images = await _decode_images(svc, blobs, tok.image_size)
-    job = Job(
-        tok.name, task, {"images": images, "n": len(blobs)}, deadline=svc.deadline(req.timeout_s)
-    )
-    return req, tok, await svc.submit(request, job)
-
-
-async def read_image_request(request: Request, schema: type[BaseModel], svc: Service):
-    """JSON with base64 ``images``, or multipart with ``image`` files (and plain fields)
-    -> (validated request, encoded images: raw bytes or base64 text)."""
-    s = svc.settings
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
-        form = await request.form(
-            max_files=s.max_images_per_request + 1, max_fields=16, max_part_size=64 * 1024
-        )
-        files, fields = [], {}
-        for key, value in form.multi_items():
-            if isinstance(value, str):
-                fields[key] = value
-            elif key in ("image", "images"):
-                files.append(value)
-            else:
-                raise ApiError(422, "invalid_request", f"unexpected file field {key!r}")
-        if not files:
-            raise ApiError(422, "invalid_request", "multipart body has no 'image' file")
-        svc.check_count(len(files))
-        req = _validate(schema, {**fields, "images": ["-"] * len(files)})
-        blobs = []
-        for f in files:
-            data = await f.read(s.max_image_bytes + 1)
-            if len(data) > s.max_image_bytes:
-                raise ApiError(
-                    413, "image_too_large", f"{f.filename}: over {s.max_image_bytes} bytes"
-                )
-            blobs.append(data)
-        return req, blobs
-    if ctype not in ("application/json", ""):
-        raise ApiError(
-            415, "unsupported_media_type", "send application/json or multipart/form-data"
-        )
-    req = _validate(schema, await read_json(request))
-    svc.check_count(len(req.images))
-    return req, req.images  # base64 text: decoded with the pixels, in a worker thread
-
-
+# --- answering ------------------------------------------------------------------------------
 def wants_png(request: Request) -> bool:
     """``Accept`` prefers image/png over JSON (by q-value, then by order)."""
     best, best_q = None, -1.0
@@ -250,6 +213,23 @@ def wants_png(request: Request) -> bool:
 async def png_response(images: np.ndarray, headers: dict[str, str]) -> Response:
     data = await run_in_threadpool(codec.png_single_or_grid, images)  # CPU work: off the loop
     return Response(data, media_type="image/png", headers=headers)
+
+
+async def answer(svc: Service, request: Request, prep: Prepared):
+    """Run a prepared job: async (202 and a job) when the request asks with ``Prefer:
+    respond-async``, else wait and answer as JSON or, for ``Accept: image/png``, a PNG."""
+    use_cache = not no_cache(request)
+    if wants_async(request):
+        if not svc.started:
+            raise ApiError(503, "not_ready", "service is starting", {"Retry-After": "1"})
+        record, _ = await svc.jobs.accept(prep, use_cache, owner_of(request, svc.settings))
+        return accepted_response(record)
+    result = await svc.submit(request, prep.job, use_cache)
+    if prep.render_png is not None and wants_png(request):
+        images, headers = prep.render_png(result)
+        return await png_response(images, headers)
+    # Up to B*L*D floats to list, or PNGs to encode: CPU work, off the event loop.
+    return JSONResponse(await run_in_threadpool(prep.render_json, result))
 
 
 def image_request_body(schema: type[BaseModel]) -> dict:
@@ -276,7 +256,18 @@ def image_request_body(schema: type[BaseModel]) -> dict:
     }
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 429, 503, 504)}
+ERRORS = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 429, 503, 504)
+}
+# The sync endpoints also answer 202 with a job for ``Prefer: respond-async``.
+SYNC_RESPONSES = {
+    **ERRORS,
+    202: {
+        "description": "with `Prefer: respond-async`: the job was accepted (`Location: "
+        "/jobs/{id}`); see POST /jobs",
+        "model": JobAccepted,
+    },
+}
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -349,100 +340,44 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
     @app.post(
         "/tokenize",
         response_model=TokenizeResponse,
-        responses=ERRORS,
+        responses=SYNC_RESPONSES,
         openapi_extra=image_request_body(TokenizeRequest),
     )
     async def tokenize(request: Request):
         """Images -> continuous tokens (B, L, D) and code indices (B, G, L/G)."""
-        req, tok, result = await run_image_task(request, TokenizeRequest, "tokenize", svc)
-        # Up to B*L*D floats to list and serialise: CPU work, off the event loop.
-        return await run_in_threadpool(_tokenize_answer, tok.name, result, req.format)
+        asynchronous = wants_async(request)
+        req, blobs = await read_image_request(request, TokenizeRequest, svc)
+        prep = await prepare_image_task(svc, request, "tokenize", req, blobs, asynchronous)
+        return await answer(svc, request, prep)
 
     @app.post(
         "/reconstruct",
         response_model=ReconstructResponse,
-        responses=ERRORS,
+        responses=SYNC_RESPONSES,
         openapi_extra=image_request_body(ReconstructRequest),
     )
     async def reconstruct(request: Request):
         """Images -> tokens -> images, with PSNR per image. ``Accept: image/png`` -> a PNG."""
-        req, tok, result = await run_image_task(request, ReconstructRequest, "reconstruct", svc)
-        # JSON has no Infinity: a pixel-identical reconstruction reports null.
-        psnr = [float(p) if p is not None and math.isfinite(p) else None for p in result["psnr"]]
-        if wants_png(request):
-            psnr_text = ",".join("inf" if p is None else f"{p:.2f}" for p in psnr)
-            return await png_response(result["images"], {"X-Model": tok.name, "X-PSNR": psnr_text})
-        images_b64 = await run_in_threadpool(codec.png_b64_list, result["images"])
-        return JSONResponse({"model": tok.name, "images": images_b64, "psnr": psnr})
+        asynchronous = wants_async(request)
+        req, blobs = await read_image_request(request, ReconstructRequest, svc)
+        prep = await prepare_image_task(svc, request, "reconstruct", req, blobs, asynchronous)
+        return await answer(svc, request, prep)
 
-    @app.post("/decode", response_model=ImagesResponse, responses=ERRORS)
+    @app.post("/decode", response_model=ImagesResponse, responses=SYNC_RESPONSES)
     async def decode(body: DecodeRequest, request: Request):
         """Tokens (B, L, D) -> images. ``Accept: image/png`` -> a PNG (a grid when B > 1)."""
-        tok = svc.tokenizer(body.model, request)
-        s = svc.settings
-        tokens = codec.parse_tokens(
-            body.tokens,
-            body.tokens_b64,
-            body.shape,
-            body.dtype,
-            tok.num_tokens,
-            tok.token_dim,
-            s.max_images_per_request,
-            s.max_body_bytes,
-        )
-        job = Job(
-            tok.name,
-            "decode",
-            {"tokens": tokens, "n": tokens.shape[0]},
-            deadline=svc.deadline(body.timeout_s),
-        )
-        result = await svc.submit(request, job)
-        if wants_png(request):
-            return await png_response(result["images"], {"X-Model": tok.name})
-        images_b64 = await run_in_threadpool(codec.png_b64_list, result["images"])
-        return JSONResponse({"model": tok.name, "images": images_b64})
+        prep = prepare_decode(svc, request, body, wants_async(request))
+        return await answer(svc, request, prep)
 
-    @app.post("/generate", response_model=GenerateResponse, responses=ERRORS)
+    @app.post("/generate", response_model=GenerateResponse, responses=SYNC_RESPONSES)
     async def generate(body: GenerateRequest, request: Request):
         """Class-conditional images. Every field has a default; the seeds used are returned.
         ``Accept: image/png`` -> a PNG (seeds and classes in the X-Seeds / X-Class-Labels
         headers)."""
-        gen = svc.generator(body.model, request)
-        labels, seeds, params = _generate_inputs(body, gen, svc)
-        job = Job(
-            gen.name,
-            "generate",
-            {"labels": labels, "seeds": seeds, "cfg_scale": body.cfg_scale, "n": len(labels)},
-            params=params,
-            deadline=svc.deadline(body.timeout_s),
-        )
-        result = await svc.submit(request, job)
-        parameters = {**params, "cfg_scale": body.cfg_scale}
-        if wants_png(request):
-            return await png_response(
-                result["images"],
-                {
-                    "X-Model": gen.name,
-                    "X-Seeds": ",".join(map(str, seeds)),
-                    "X-Class-Labels": ",".join(map(str, labels)),
-                    **(
-                        {"X-Class-Names": ",".join(gen.class_names[y] for y in labels)}
-                        if gen.class_names
-                        else {}
-                    ),
-                },
-            )
-        images_b64 = await run_in_threadpool(codec.png_b64_list, result["images"])
-        return JSONResponse(
-            {
-                "model": gen.name,
-                "images": images_b64,
-                "class_labels": labels,
-                "class_names": [gen.class_names[y] for y in labels] if gen.class_names else None,
-                "seeds": seeds,
-                "parameters": parameters,
-            }
-        )
+        prep = prepare_generate(svc, request, body, wants_async(request))
+        return await answer(svc, request, prep)
+
+    install_job_routes(app, svc)
 
     # The browser playground (issue #17): the page at / and its files under /playground/.
     from .playground import mount_playground
@@ -457,9 +392,17 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Accept"],
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Accept",
+                "Prefer",
+                "Cache-Control",
+                "Last-Event-ID",
+            ],
             expose_headers=[
+                "Location",
                 "Retry-After",
                 "X-Request-ID",
                 "X-Model",
@@ -472,110 +415,6 @@ def create_app(settings: Settings | None = None, registry=None, broker=None) -> 
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     return app
-
-
-def _tokenize_answer(name: str, result: dict, fmt: str) -> JSONResponse:
-    tokens = np.asarray(result["tokens"], dtype=np.float32)  # (B, L, D)
-    body = {
-        "model": name,
-        "shape": list(tokens.shape),
-        "dtype": "float32",
-        "indices": np.asarray(result["indices"]).tolist(),  # (B, G, L/G)
-    }
-    if fmt == "base64":
-        body["tokens_b64"] = codec.tokens_b64(tokens)
-    else:
-        body["tokens"] = tokens.tolist()
-    return JSONResponse(body)
-
-
-async def _decode_images(svc: Service, blobs: list[bytes], size: int) -> np.ndarray:
-    s = svc.settings
-    return await run_in_threadpool(
-        codec.decode_images, blobs, size, s.max_image_bytes, s.max_image_pixels
-    )
-
-
-def class_id(label: int | str, gen) -> int:
-    """A class id, or a class name (case-insensitive) of the generator's class_names."""
-    if isinstance(label, int):
-        return label
-    names = gen.class_names or []
-    lowered = [n.lower() for n in names]
-    if label.strip().lower() in lowered:
-        return lowered.index(label.strip().lower())
-    if not names:
-        raise ApiError(
-            422,
-            "invalid_class",
-            f"{gen.name} has no class names; use ids 0..{gen.num_classes - 1}",
-        )
-    raise ApiError(
-        422, "invalid_class", f"unknown class {label!r}; {gen.name} knows: {', '.join(names)}"
-    )
-
-
-def _generate_inputs(body: GenerateRequest, gen, svc: Service):
-    """Validated (labels, seeds, params) of a /generate request; 422 on anything off."""
-    s = svc.settings
-    if body.class_labels is not None:
-        n = len(body.class_labels)
-        if body.num_images is not None and body.num_images != n:
-            raise ApiError(
-                422, "invalid_request", f"num_images={body.num_images} but {n} class_labels"
-            )
-    else:
-        n = body.num_images or (len(body.seeds) if body.seeds else 1)
-    svc.check_count(n)
-
-    if body.seeds is not None and body.seed is not None:
-        raise ApiError(422, "invalid_request", "send 'seed' or 'seeds', not both")
-    if body.seeds is not None:
-        if len(body.seeds) != n:
-            raise ApiError(422, "invalid_seeds", f"{len(body.seeds)} seeds for {n} images")
-        if any(not 0 <= x <= MAX_SEED for x in body.seeds):
-            raise ApiError(422, "invalid_seeds", f"seeds must lie in [0, {MAX_SEED}]")
-        seeds = list(body.seeds)
-    else:
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        if seed + n - 1 > MAX_SEED:
-            raise ApiError(422, "invalid_seeds", f"seed + {n - 1} exceeds {MAX_SEED}")
-        seeds = [seed + i for i in range(n)]
-
-    if body.class_labels is not None:
-        labels = [class_id(c, gen) for c in body.class_labels]
-        bad = [c for c in labels if not 0 <= c < gen.num_classes]
-        if bad:
-            raise ApiError(
-                422, "invalid_class", f"class ids {bad[:5]} outside [0, {gen.num_classes})"
-            )
-    else:  # random classes, reproducible from the first seed
-        rng = np.random.default_rng(seeds[0])
-        labels = rng.integers(0, gen.num_classes, size=n).tolist()
-
-    steps = body.steps if body.steps is not None else min(DEFAULT_STEPS, s.max_steps)
-    if not 1 <= steps <= s.max_steps:
-        raise ApiError(422, "invalid_steps", f"steps={steps} outside [1, {s.max_steps}]")
-    if body.sampler not in models.SAMPLERS:
-        raise ApiError(
-            422,
-            "unknown_sampler",
-            f"sampler {body.sampler!r}; choose one of {list(models.SAMPLERS)}",
-        )
-    lo, hi = body.guidance_interval
-    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi <= 1):
-        raise ApiError(
-            422,
-            "invalid_guidance_interval",
-            f"guidance_interval [{lo}, {hi}] must satisfy 0 <= lo <= hi <= 1",
-        )
-    params = {
-        "steps": steps,
-        "sampler": body.sampler,
-        "guidance_interval": [lo, hi],
-        "path": "linear",
-    }
-    return labels, seeds, params
 
 
 async def _refresh_gauges(svc: Service) -> None:

@@ -37,7 +37,9 @@ from typing import NoReturn
 
 from . import metrics
 from .executor import Executor, ModelCrashed
-from .jobs import Job, JobError, JobFailed, JobTimeout
+from .jobs import Job, JobCanceled, JobError, JobFailed, JobTimeout
+from .lanes import LanePicker, lane_rank
+from .progress import PREEMPT_POLL_S, PROGRESS_EVERY_S, BatchProgress
 from .settings import Settings
 from .tasks import TASKS, BatchPolicy, group_key, job_cost, resolve_policy
 
@@ -68,6 +70,11 @@ class JobSource(ABC):
     @abstractmethod
     async def hand_back(self, jobs: list[Job]) -> None:
         """Jobs taken but never started, at shutdown: let someone else run them."""
+
+    async def progress(self, jobs: list[Job], step: int, steps: int) -> None:
+        """The running batch's sampling loop is at ``step`` of ``steps`` (0 of 0: the batch
+        started). ``jobs``: its tracked (async) jobs. Default: nobody listens."""
+        return None
 
 
 # Exit status of a process that ends itself because it can no longer serve: a hung model
@@ -135,6 +142,7 @@ class Batcher:
         self.running: list[Job] = []
         self._expired: list[Job] = []  # purged from their groups, answered by the next turn
         self.batches_run = 0
+        self.lanes = LanePicker(settings.interactive_burst)
         self._stopping = False
         self._drain = True
         # One model thread: batches run one after another, never concurrently on the device.
@@ -197,7 +205,9 @@ class Batcher:
             self.add(job)
 
     def add(self, job: Job) -> None:
-        self.pending.setdefault(group_key(job), deque()).append((time.monotonic(), job))
+        # Lanes never share a batch: an interactive job never waits on bulk items beside it.
+        key = (*group_key(job), lane_rank(job))
+        self.pending.setdefault(key, deque()).append((time.monotonic(), job))
 
     def _purge_expired(self) -> None:
         """Expired jobs leave their group now (answered when the next batch runs), so they
@@ -240,12 +250,20 @@ class Batcher:
             pol = self.policy(job)
             cost = sum(job_cost(j) for _, j in q)
             if cost >= pol.max_batch_size or now - oldest >= pol.max_wait_s or self._stopping:
-                due.append((oldest, key))
+                due.append((oldest, key[-1], key))
             else:
                 w = oldest + pol.max_wait_s - now
                 first_wait = w if first_wait is None else min(first_wait, w)
+        if any(rank for _, rank, _ in due):
+            # Bulk work is about to take the model for a whole batch: an interactive group
+            # still waiting for company goes now instead of after it.
+            due += [
+                (q[0][0], 0, key)
+                for key, q in self.pending.items()
+                if key[-1] == 0 and all(key != d[2] for d in due)
+            ]
         if due:
-            return min(due)[1], None
+            return self.lanes.pick(due), None
         return None, first_wait
 
     def _take(self, key: tuple) -> list[Job]:
@@ -261,14 +279,18 @@ class Batcher:
         return batch
 
     # --- running a batch ------------------------------------------------------------------
-    async def run_batch(self, batch: list[Job]) -> None:
+    async def _admit(self, batch: list[Job]) -> list[Job]:
+        """The jobs of ``batch`` to run: cancelled and expired ones are answered here."""
         now = time.time()
         gone = await self.source.cancelled(batch)
         dropped: list[tuple[Job, Outcome]] = []
         live = []
         for job in batch:
             if job.id in gone:
-                dropped.append((job, None))
+                # An async job's record may be read on another API replica: say so.
+                dropped.append(
+                    (job, JobCanceled("cancelled before it ran") if job.tracked else None)
+                )
             elif job.expired(now):
                 metrics.JOBS_FAILED.labels(model=job.model, task=job.task, reason="timeout").inc()
                 dropped.append((job, JobTimeout("deadline passed before the job could run")))
@@ -276,17 +298,29 @@ class Batcher:
                 live.append(job)
         if dropped:
             await self.source.finish(dropped)
-        if not live:
-            return
         for job in live:
             metrics.QUEUE_WAIT.labels(model=job.model, task=job.task).observe(
                 max(0.0, now - job.created)
             )
+            metrics.LANE_WAIT.labels(lane=job.priority).observe(max(0.0, now - job.created))
+        tracked = [j for j in live if j.tracked]
+        if tracked:
+            await self._report(tracked, 0, 0)
+        return live
+
+    async def run_batch(self, batch: list[Job]) -> None:
+        live = await self._admit(batch)
+        if not live:
+            return
         self.running = live
         busy = metrics.WORKER_BUSY.labels(worker=self.worker_id)
         busy.set(1)
         start = time.perf_counter()
-        call = asyncio.get_running_loop().run_in_executor(self.pool, self.executor.run, live)
+        progress = BatchProgress(live)
+        call = asyncio.get_running_loop().run_in_executor(
+            self.pool, self.executor.run, live, progress
+        )
+        watch = asyncio.create_task(self._watch(call, progress, live))
         try:
             # Nobody waits for the result once every deadline has passed; a call still running
             # a grace period later is hung, not slow.
@@ -297,7 +331,9 @@ class Batcher:
             if not done:
                 self._hung(live, time.perf_counter() - start)
             outcomes = call.result()
+            await watch  # ends with the call; it may still be settling a guest batch
         finally:
+            watch.cancel()
             busy.set(0)
             metrics.WORKER_BUSY_SECONDS.labels(worker=self.worker_id).inc(
                 time.perf_counter() - start
@@ -306,6 +342,75 @@ class Batcher:
                 self.running = []
         self.batches_run += 1
         await self._settle(live, outcomes)
+
+    async def _watch(self, call: asyncio.Future, progress: BatchProgress, live: list[Job]):
+        """While a batch runs: every PROGRESS_EVERY_S, hand cancellations to its sampling loop
+        (its rows leave at the next step) and report the loop's step for tracked jobs. While
+        a batch-lane loop samples, also look for interactive work every PREEMPT_POLL_S and
+        hand it to the loop to run between two steps (service/progress.py)."""
+        loop = asyncio.get_running_loop()
+        tracked = [j for j in live if j.tracked]
+        bulk = all(lane_rank(j) for j in live)
+        last, next_report = 0, loop.time() + PROGRESS_EVERY_S
+        while not call.done():
+            await asyncio.wait({call}, timeout=PREEMPT_POLL_S if bulk else PROGRESS_EVERY_S)
+            if call.done():
+                return
+            if bulk and progress.sampling:
+                await self._preempt(call, progress)
+            if loop.time() < next_report or call.done():
+                continue
+            next_report = loop.time() + PROGRESS_EVERY_S
+            try:
+                gone = await self.source.cancelled(progress.jobs)
+            except Exception as e:  # noqa: BLE001 - a missed poll only delays a cancel
+                log.debug("cancel poll failed: %s", e)
+                gone = set()
+            if gone:
+                progress.cancel(gone)
+            step, steps = progress.step, progress.steps
+            still = [j for j in tracked if j.id not in gone and j.id not in progress.dropped]
+            if still and steps and step != last:
+                last = step
+                await self._report(still, step, steps)
+
+    async def _preempt(self, call: asyncio.Future, progress: BatchProgress) -> None:
+        """Run waiting interactive work inside the running batch-lane loop, between two of
+        its steps: the interactive request waits one step of the bulk batch, not all of it."""
+        await self._pull(0.0)
+        key = next((k for k in self.pending if k[-1] == 0), None)
+        if key is None:
+            return
+        guest = await self._admit(self._take(key))
+        if not guest:
+            return
+        self.running = self.running + guest  # held: kept alive in Redis while they run
+        start = time.perf_counter()
+        answer = asyncio.wrap_future(progress.offer_guest(guest))
+        await asyncio.wait({answer, call}, return_when=asyncio.FIRST_COMPLETED)
+        if not answer.done():
+            back = progress.take_back()
+            if back is not None:  # the loop ended before its next step: run them next
+                for job in back:
+                    self.add(job)
+                self.running = [j for j in self.running if j not in back]
+                return
+        outcomes = await answer  # claimed by the loop: the call ends only after it
+        self.running = [j for j in self.running if j not in guest]
+        metrics.GUEST_BATCHES.labels(worker=self.worker_id).inc()
+        log.debug(
+            "ran %d interactive jobs inside a batch-lane loop in %.3fs",
+            len(guest),
+            time.perf_counter() - start,
+        )
+        self.batches_run += 1
+        await self._settle(guest, outcomes)
+
+    async def _report(self, jobs: list[Job], step: int, steps: int) -> None:
+        try:
+            await self.source.progress(jobs, step, steps)
+        except Exception as e:  # noqa: BLE001 - progress is advisory; the job goes on
+            log.debug("progress report failed: %s", e)
 
     def _hung(self, jobs: list[Job], seconds: float) -> None:
         what = ", ".join(sorted({f"{j.model}/{j.task}" for j in jobs}))

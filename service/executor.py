@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 
 import torch
 
 from . import metrics
-from .jobs import InvalidJob, Job, JobError, JobFailed
+from .jobs import InvalidJob, Job, JobCanceled, JobError, JobFailed
+from .progress import BatchProgress
 from .tasks import TASKS, Task, guided, job_cost  # noqa: F401 - guided, job_cost: re-exported
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,25 @@ class Executor:
         self.registry = registry
 
     # --- entry point --------------------------------------------------------------------
-    def run(self, jobs: list[Job]) -> list[dict | JobError]:
-        """Jobs of one (model, task, params) -> one outcome per job, in order. Never raises."""
+    def run(self, jobs: list[Job], progress: BatchProgress | None = None) -> list[dict | JobError]:
+        """Jobs of one (model, task, params) -> one outcome per job, in order. Never raises.
+
+        ``progress``: a sampling loop reports its steps there, and jobs cancelled on it while
+        they run leave the loop at the next step (outcome JobCanceled); between two steps it
+        may run a guest batch (``run_guest``: interactive work preempting a batch-lane loop).
+        """
+        if progress is not None:
+            progress.guest_runner = self.run_guest
+        return self._run(jobs, progress, lock=True)
+
+    def run_guest(self, jobs: list[Job]) -> list[dict | JobError]:
+        """A batch run from inside another's sampling step, on the model thread that already
+        holds the registry's lock."""
+        return self._run(jobs, None, lock=False)
+
+    def _run(
+        self, jobs: list[Job], progress: BatchProgress | None, lock: bool
+    ) -> list[dict | JobError]:
         outcomes: list[dict | JobError | None] = [None] * len(jobs)
         valid = []
         for i, job in enumerate(jobs):
@@ -65,15 +84,17 @@ class Executor:
             except (InvalidJob, ValueError, KeyError, TypeError) as e:
                 outcomes[i] = e if isinstance(e, InvalidJob) else InvalidJob(_message(e))
         if valid:
-            with self.registry.lock:
-                done = self._run_split([jobs[i] for i in valid])
+            with self.registry.lock if lock else nullcontext():
+                done = self._run_split([jobs[i] for i in valid], progress)
             for i, out in zip(valid, done, strict=True):
                 outcomes[i] = out
         return outcomes
 
-    def _run_split(self, jobs: list[Job]) -> list[dict | JobError]:
+    def _run_split(
+        self, jobs: list[Job], progress: BatchProgress | None = None
+    ) -> list[dict | JobError]:
         try:
-            return self.compute(jobs)
+            return self.compute(jobs, progress)
         except Exception as e:  # noqa: BLE001 - every failure is mapped to the jobs it hit
             oom = is_oom(e)
             if len(jobs) == 1:
@@ -95,7 +116,7 @@ class Executor:
         if oom and torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = len(jobs) // 2
-        return self._run_split(jobs[:half]) + self._run_split(jobs[half:])
+        return self._run_split(jobs[:half], progress) + self._run_split(jobs[half:], progress)
 
     # --- validation (per job, before anything is batched) ----------------------------------
     def validate(self, job: Job) -> None:
@@ -108,19 +129,27 @@ class Executor:
         task.validate(job, self.registry)
 
     # --- the math -----------------------------------------------------------------------
-    def compute(self, jobs: list[Job]) -> list[dict]:
+    def compute(self, jobs: list[Job], progress: BatchProgress | None = None) -> list[dict]:
         """One model call for the whole list (the task collates, runs and splits it). Raises
         on failure."""
+        if progress is not None:
+            progress.begin(jobs)
         job0 = jobs[0]
         task = TASKS[job0.task]
         items = sum(j.size for j in jobs)
         start = time.perf_counter()
         # No padding here: a runner whose backend needs fixed shapes pads to its own buckets
         # (model.backends.bucketing); eager and ONNX on the CPU run the batch as it is.
-        outputs = task.run(self.registry, job0.model, task.collate(jobs))
+        outputs = task.run_tracked(self.registry, job0.model, task.collate(jobs), progress)
         elapsed = time.perf_counter() - start
+        results: list = task.split(jobs, outputs)
+        if progress is not None and progress.dropped:
+            for i, job in enumerate(jobs):
+                if job.id in progress.dropped:
+                    results[i] = JobCanceled("cancelled while it ran")
+                    items -= job.size  # its images were never made
         self._record(task, job0.model, items, elapsed)
-        return task.split(jobs, outputs)
+        return results
 
     def _record(self, task: Task, model: str, items: int, elapsed: float) -> None:
         labels = {"model": model, "task": task.name}

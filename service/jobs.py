@@ -24,6 +24,10 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: float = field(default_factory=time.time)
     attempts: int = 0
+    # Lane: "interactive" jobs are taken before "batch" ones (service/lanes.py).
+    priority: str = "interactive"
+    # An async job (POST /jobs): its steps are reported to the job store as it runs.
+    tracked: bool = False
 
     @property
     def size(self) -> int:
@@ -53,6 +57,12 @@ class JobFailed(JobError):
     """The job failed on every attempt (or is invalid for the model)."""
 
     status, code = 500, "job_failed"
+
+
+class JobCanceled(JobError):
+    """Cancelled by its caller (DELETE /jobs/{id}) before or while it ran."""
+
+    status, code = 409, "canceled"
 
 
 class InvalidJob(JobError):

@@ -42,6 +42,31 @@ BATCH_SIZE = Histogram(
     buckets=BATCH_BUCKETS,
 )
 QUEUE_DEPTH = Gauge("softvq_queue_depth", "Jobs waiting, per model and task", ["model", "task"])
+LANE_DEPTH = Gauge(
+    "softvq_lane_queue_depth", "Jobs waiting, per model, task and lane", ["model", "task", "lane"]
+)
+LANE_WAIT = Histogram(
+    "softvq_lane_queue_wait_seconds",
+    "Time a job waited before its batch started, per lane (interactive, batch)",
+    ["lane"],
+    buckets=LATENCY_BUCKETS,
+)
+GUEST_BATCHES = Counter(
+    "softvq_preempting_batches_total",
+    "Interactive batches run between two steps of a batch-lane sampling loop",
+    ["worker"],
+)
+CACHE_HITS = Counter(
+    "softvq_cache_hits_total", "Results answered from the result cache", ["model", "task"]
+)
+CACHE_MISSES = Counter(
+    "softvq_cache_misses_total", "Cacheable requests the cache did not hold", ["model", "task"]
+)
+JOBS_SUBMITTED = Counter(
+    "softvq_async_jobs_total",
+    "Async jobs (POST /jobs) accepted, by task and lane",
+    ["task", "lane"],
+)
 IMAGES = Counter(
     "softvq_images_processed_total", "Images encoded, decoded or generated", ["model", "task"]
 )

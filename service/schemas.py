@@ -21,12 +21,20 @@ class Strict(BaseModel):
 
 
 # --- requests --------------------------------------------------------------------------
+Lane = Literal["interactive", "batch"]
+
+
 class TimeoutField(Strict):
     timeout_s: float | None = Field(
         None,
         gt=0,
         allow_inf_nan=False,
         description="per-request deadline in seconds; can only shorten the server's default",
+    )
+    priority: Lane | None = Field(
+        None,
+        description="lane: 'interactive' (default of the sync endpoints) is served before"
+        " 'batch' (default of async jobs); see README 'Long jobs'",
     )
 
 
@@ -85,6 +93,24 @@ class GenerateRequest(TimeoutField):
     model: str | None = Field(None, max_length=200, description="generator name")
 
 
+TaskName = Literal["tokenize", "reconstruct", "decode", "generate"]
+JOB_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class JobRequest(Strict):
+    task: TaskName
+    input: dict = Field(
+        description="the JSON body of that task's endpoint (images as base64 for tokenize and"
+        " reconstruct)"
+    )
+    id: str | None = Field(
+        None,
+        pattern=JOB_ID_PATTERN,
+        description="your own id (idempotent: the same id again returns the same job)",
+    )
+    priority: Lane | None = Field(None, description="lane (default 'batch')")
+
+
 # --- responses ------------------------------------------------------------------------------
 class ErrorResponse(BaseModel):
     error: str
@@ -127,3 +153,38 @@ class WorkersResponse(BaseModel):
         description="processes running jobs: id, host, pid, started (epoch s), busy, batches,"
         " served {model: {backend, device, dtype}}"
     )
+
+
+class JobUrls(BaseModel):
+    get: str
+    events: str
+    cancel: str
+
+
+class JobAccepted(BaseModel):
+    id: str
+    status: str
+    urls: JobUrls
+
+
+class JobProgress(BaseModel):
+    step: int
+    steps: int
+
+
+class JobResponse(BaseModel):
+    id: str
+    task: str
+    model: str
+    priority: str
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    queue_position: int | None = Field(
+        None, description="while queued: jobs of the same model and task ahead of it"
+    )
+    progress: JobProgress | None = Field(None, description="generate: the sampling step")
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    output: dict | None = Field(None, description="when succeeded: the sync endpoint's body")
+    error: ErrorResponse | None = Field(None, description="when failed")
+    urls: JobUrls

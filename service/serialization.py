@@ -25,6 +25,7 @@ from .jobs import (
     BrokerUnavailable,
     InvalidJob,
     Job,
+    JobCanceled,
     JobError,
     JobFailed,
     JobTimeout,
@@ -134,6 +135,8 @@ def dump_job(job: Job) -> bytes:
             "deadline": job.deadline,
             "created": job.created,
             "attempts": job.attempts,
+            "priority": job.priority,
+            "tracked": job.tracked,
         }
     )
 
@@ -152,6 +155,9 @@ def load_job(blob: bytes) -> Job:
             id=d["id"],
             created=float(d["created"]),
             attempts=int(d["attempts"]),
+            # Absent in frames of an API of before lanes and async jobs.
+            priority=str(d.get("priority", "interactive")),
+            tracked=bool(d.get("tracked", False)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"bad job frame: {e}") from None
@@ -165,7 +171,8 @@ def load_job(blob: bytes) -> Job:
 # --- outcomes (what goes back to the caller) ---------------------------------------------
 
 ERRORS: dict[str, type[JobError]] = {
-    cls.code: cls for cls in (QueueFull, JobTimeout, JobFailed, InvalidJob, BrokerUnavailable)
+    cls.code: cls
+    for cls in (QueueFull, JobTimeout, JobFailed, InvalidJob, BrokerUnavailable, JobCanceled)
 }
 
 

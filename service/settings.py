@@ -153,6 +153,47 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- async jobs (POST /jobs), lanes and the result cache -------------------------------
+    job_ttl_s: float = Field(
+        3600.0, gt=0, description="how long a finished async job's record and result are kept"
+    )
+    job_max_kept: int = Field(
+        10000,
+        ge=1,
+        description="embedded mode: most job records kept in memory (oldest finished go first)",
+    )
+    job_timeout_s: float = Field(
+        3600.0,
+        gt=0,
+        description="deadline of an async job (from submission); past it the job fails with 504",
+    )
+    sse_keepalive_s: float = Field(
+        10.0, gt=0, description="a comment line this often keeps a quiet event stream open"
+    )
+    interactive_burst: int = Field(
+        4,
+        ge=1,
+        description=(
+            "lanes: while batch-lane work is due, at most this many interactive batches run in"
+            " a row before one batch-lane batch does (batch work is never starved)"
+        ),
+    )
+    cache_tasks: list[str] = Field(
+        default_factory=lambda: ["tokenize", "reconstruct"],
+        description="tasks whose results are cached (any of tokenize, reconstruct, decode, generate)",
+    )
+    cache_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="embedded: bytes of results the in-memory LRU keeps (0 = no cache)",
+    )
+    cache_max_entry_bytes: int = Field(
+        16 * 1024 * 1024, ge=0, description="results larger than this are never cached"
+    )
+    cache_ttl_s: float = Field(
+        3600.0, gt=0, description="how long a cached result lives (Redis mode: key TTL)"
+    )
+
     # --- hung model calls ---------------------------------------------------------------
     hang_grace_s: float = Field(
         60.0,
@@ -182,9 +223,26 @@ class Settings(BaseSettings):
     port: int = Field(8000, description="port of the API")
     metrics_port: int = Field(9100, description="port of a worker's /metrics")
     api_keys: list[str] = Field(default_factory=list, description="bearer tokens; empty = no auth")
+    api_key_lanes: dict[str, list[Literal["interactive", "batch"]]] = Field(
+        default_factory=dict,
+        description=(
+            'API key -> the lanes its jobs may use, e.g. {"bulk-key": ["batch"]}: that key\'s'
+            " requests default to its first lane and asking for another is 403; unlisted keys"
+            " may use both"
+        ),
+    )
     rate_limit_per_s: float = Field(0.0, ge=0, description="per-key request rate (0 = unlimited)")
     rate_limit_burst: int = Field(20, ge=1, description="per-key burst")
     cors_origins: list[str] = Field(default_factory=list, description="allowed CORS origins")
+
+    @field_validator("cache_tasks")
+    @classmethod
+    def _cache_tasks_known(cls, tasks: list[str]):
+        known = ("tokenize", "reconstruct", "decode", "generate")
+        bad = [t for t in tasks if t not in known]
+        if bad:
+            raise ValueError(f"cache_tasks {bad}: tasks are {list(known)}")
+        return tasks
 
     @field_validator("batch_policy")
     @classmethod

@@ -39,6 +39,7 @@ from model.sampling import PATHS, SAMPLERS
 
 from . import metrics
 from .jobs import InvalidJob, Job
+from .progress import BatchProgress
 
 # --- batching policy --------------------------------------------------------------------
 
@@ -117,6 +118,14 @@ class Task:
     def run(self, registry, model: str, inputs: Any) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def run_tracked(
+        self, registry, model: str, inputs: Any, progress: BatchProgress | None
+    ) -> dict[str, np.ndarray]:
+        """``run`` with a batch's progress: a task with a step loop (generate) reports its
+        steps to it and drops the rows of jobs cancelled meanwhile (their outputs are
+        zeros). Other tasks take a moment and ignore it."""
+        return self.run(registry, model, inputs)
+
     def split(self, jobs: list[Job], outputs: dict[str, np.ndarray]) -> list[dict]:
         results, start = [], 0
         for job in jobs:
@@ -165,7 +174,9 @@ class ImageTask(TokenizerTask):
 class Tokenize(ImageTask):
     name = "tokenize"
 
-    def run(self, registry, model: str, images: torch.Tensor) -> dict[str, np.ndarray]:
+    def run(
+        self, registry, model: str, images: torch.Tensor, progress=None
+    ) -> dict[str, np.ndarray]:
         tokens, indices = registry.tokenizer(model).runner.encode(images)
         return {
             "tokens": tokens.float().cpu().numpy(),
@@ -177,7 +188,9 @@ class Reconstruct(ImageTask):
     name = "reconstruct"
     images_per_item = 2  # encoded and decoded
 
-    def run(self, registry, model: str, images: torch.Tensor) -> dict[str, np.ndarray]:
+    def run(
+        self, registry, model: str, images: torch.Tensor, progress=None
+    ) -> dict[str, np.ndarray]:
         runner = registry.tokenizer(model).runner
         tokens, _ = runner.encode(images)
         rec = runner.decode(tokens).float().cpu()
@@ -207,7 +220,9 @@ class Decode(TokenizerTask):
     def collate(self, jobs: list[Job]) -> torch.Tensor:
         return torch.from_numpy(np.concatenate([j.payload["tokens"] for j in jobs]))
 
-    def run(self, registry, model: str, tokens: torch.Tensor) -> dict[str, np.ndarray]:
+    def run(
+        self, registry, model: str, tokens: torch.Tensor, progress=None
+    ) -> dict[str, np.ndarray]:
         return {"images": tensor_to_uint8(registry.tokenizer(model).runner.decode(tokens))}
 
 
@@ -217,6 +232,7 @@ class GenerateInputs:
     seeds: list[int]
     cfg_scale: torch.Tensor  # (items,) float64, per sample
     params: dict[str, Any]
+    jobs: list[Job]  # whose rows these are, in order
 
 
 class Generate(GeneratorTask):
@@ -263,9 +279,15 @@ class Generate(GeneratorTask):
             seeds=[s for j in jobs for s in j.payload["seeds"]],
             cfg_scale=torch.tensor(cfg, dtype=torch.float64),
             params=jobs[0].params,
+            jobs=jobs,
         )
 
     def run(self, registry, model: str, inputs: GenerateInputs) -> dict[str, np.ndarray]:
+        return self.run_tracked(registry, model, inputs, None)
+
+    def run_tracked(
+        self, registry, model: str, inputs: GenerateInputs, progress: BatchProgress | None
+    ) -> dict[str, np.ndarray]:
         gen = registry.generator(model)
         decoder = registry.latent_decoder(gen.tokenizer)  # a SoftVQ tokenizer or an SD-VAE
         q = inputs.params
@@ -280,9 +302,15 @@ class Generate(GeneratorTask):
             guidance_interval=(float(lo), float(hi)),
             path=q.get("path", "linear"),
             cuda_graphs=registry.settings.cuda_graphs,
+            on_step=progress.on_step if progress is not None else None,
         )
-        images = decoder.runner.decode(z.float() * decoder.vq_std + decoder.vq_mean).float()
-        return {"images": tensor_to_uint8(images)}
+        S = gen.image_size
+        out = np.zeros((len(inputs.labels), S, S, 3), dtype=np.uint8)
+        if z.shape[0]:  # rows of cancelled jobs left the loop: their images stay zero
+            images = decoder.runner.decode(z.float() * decoder.vq_std + decoder.vq_mean).float()
+            rows = progress.kept_rows(inputs.jobs) if progress is not None else slice(None)
+            out[rows] = tensor_to_uint8(images)
+        return {"images": out}
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (Tokenize(), Decode(), Reconstruct(), Generate())}

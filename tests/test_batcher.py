@@ -50,9 +50,9 @@ class RecordingExecutor(Executor):
         super().__init__(registry)
         self.batches: list[list[Job]] = []
 
-    def run(self, jobs):
+    def run(self, jobs, progress=None):
         self.batches.append(list(jobs))
-        return super().run(jobs)
+        return super().run(jobs, progress)
 
     def ran(self, job: Job) -> bool:
         return any(job.id == j.id for b in self.batches for j in b)

@@ -1037,7 +1037,11 @@ def test_keda_scales_workers_on_every_streams_consumer_group_lag():
         assert host.split(".")[:2] == [url.hostname, so["metadata"]["namespace"]]
         assert int(port) == url.port
         streams.add(md["stream"])
-    assert streams == {keys.stream(m, task) for m, task in configured_streams()}
+    assert streams == {
+        keys.stream(m, task, lane)
+        for m, task in configured_streams()
+        for lane in ("interactive", "batch")
+    }
 
 
 # --- live: the image's commands on tiny models ------------------------------------------------

@@ -424,8 +424,13 @@ def test_cancel_stops_waiting_and_says_so(page, server):
     page.el("#gen-run").click()
     page.wait("!document.getElementById('gen-progress').hidden")
     assert f"Generating 1 image, {steps} steps each" in page.text("#gen-progress")
-    # indeterminate (the API has no progress stream yet): no made-up percentage
-    assert page.js("return document.querySelector('#gen-progress progress').position") == -1
+    # the job's event stream makes the bar determinate: the sampler's step of the steps
+    page.wait("document.querySelector('#gen-progress progress').position >= 0", 60)
+    bar = page.js(
+        "const p = document.querySelector('#gen-progress progress'); return [p.value, p.max]"
+    )
+    assert 0 < bar[0] <= bar[1] == steps, bar
+    assert re.search(rf"step \d+ of {steps}", page.text("#gen-progress"))
     page.el("#gen-cancel").click()
     note = page.shown("gen-error", 10)
     assert note.startswith("Cancelled.")
@@ -440,7 +445,8 @@ def test_a_504_is_shown_in_the_page(chrome, api_env, tmp_path_factory):
     steps = LONG_STEPS
     # A deadline far below what 2000 steps take on any machine (1 s was not: on a quiet CPU
     # the tiny model ran them in 1.1 s, inside the deadline, and no 504 came).
-    env = tiny_env(api_env, SOFTVQ_REQUEST_TIMEOUT_S="0.2")
+    # (the page runs /generate as a job: its deadline is the job timeout)
+    env = tiny_env(api_env, SOFTVQ_REQUEST_TIMEOUT_S="0.2", SOFTVQ_JOB_TIMEOUT_S="0.2")
     with serve_process(env, tmp_path_factory.mktemp("serve-504")) as (base, _):
         page = Page(chrome, base).open()
         page.tick_classes([0])

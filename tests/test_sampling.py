@@ -112,6 +112,8 @@ class CountingModel:
     def __init__(self, gen):
         self.gen, self.rows, self.calls = gen, 0, 0
         self.num_classes, self.dtype, self.device = gen.num_classes, gen.dtype, gen.device
+        self.num_tokens, self.token_dim = gen.num_tokens, gen.token_dim
+        self.latent_shape = gen.latent_shape
 
     def __call__(self, x, t, y):
         self.rows += x.shape[0]
@@ -171,3 +173,35 @@ def test_time_embedding_uses_raw_t():
     freqs = torch.exp(-math.log(10000) * k / 128)
     assert torch.allclose(f[0, :128], torch.cos(0.5 * freqs))
     assert torch.allclose(f[0, 128:], torch.sin(0.5 * freqs))
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "euler-maruyama"])
+def test_on_step_reports_every_step_and_dropped_rows_leave_the_loop(sampler):
+    """on_step sees steps 1..N; rows it drops stop costing forwards at once, and the rows
+    kept come out as they would have without the drop (per-sample noise and guidance)."""
+    gen = make_generator(seed=3)
+    counter = CountingModel(gen)
+    labels, seeds, cfg = [1, 2, 3], [10, 11, 12], [1.0, 3.0, 2.0]
+    full = model.sample_latents(counter, labels, seeds, steps=6, sampler=sampler, cfg_scale=cfg)
+    rows_full = counter.rows
+    seen = []
+
+    def on_step(step, steps, x):
+        seen.append((step, steps, x.shape[0]))
+        return [0, 2] if step == 2 else None  # drop the middle sample after step 2
+
+    counter.rows = 0
+    kept = model.sample_latents(
+        counter, labels, seeds, steps=6, sampler=sampler, cfg_scale=cfg, on_step=on_step
+    )
+    assert [s for s, _, _ in seen] == list(range(1, 7))
+    assert all(n == 6 for _, n, _ in seen)
+    assert [b for _, _, b in seen] == [3, 3, 2, 2, 2, 2]
+    assert kept.shape[0] == 2
+    assert counter.rows < rows_full  # the dropped row cost nothing after step 2
+    assert torch.allclose(kept, full[[0, 2]], atol=1e-5)
+
+    def drop_all(step, steps, x):
+        return [] if step == 1 else None
+
+    assert model.sample_latents(gen, labels, seeds, steps=6, on_step=drop_all).shape[0] == 0

@@ -457,6 +457,49 @@ def build() -> dict:
         8,
     )
 
+    # --- lanes and the result cache (service/lanes.py, service/result_cache.py) -----------
+    L.row("Lanes and result cache")
+    L.add(
+        timeseries(
+            "Queue depth by lane",
+            "Jobs waiting per lane: interactive (sync requests) is served first; batch (async"
+            " jobs) gets at least one batch in SOFTVQ_INTERACTIVE_BURST + 1.",
+            [
+                target(
+                    f"sum by (lane) (max by (model, task, lane) (softvq_lane_queue_depth{{{M}}}))",
+                    "{{lane}}",
+                )
+            ],
+        ),
+        8,
+    )
+    L.add(
+        timeseries(
+            "Queue wait by lane",
+            "Time from submission to the start of the job's batch. Interactive p95 rising with"
+            " the batch lane's depth would mean priority inversion.",
+            quantiles("softvq_lane_queue_wait_seconds", "lane", selector=""),
+            "s",
+        ),
+        8,
+    )
+    L.add(
+        timeseries(
+            "Result cache hit ratio",
+            "Share of cacheable requests answered from the cache (they never reach a worker).",
+            [
+                target(
+                    f"sum by (task) (rate(softvq_cache_hits_total{{{M}}}[{RATE}]))"
+                    f" / (sum by (task) (rate(softvq_cache_hits_total{{{M}}}[{RATE}]))"
+                    f" + sum by (task) (rate(softvq_cache_misses_total{{{M}}}[{RATE}])))",
+                    "{{task}}",
+                )
+            ],
+            "percentunit",
+        ),
+        8,
+    )
+
     # --- errors ---------------------------------------------------------------------------
     L.row("Errors")
     L.add(

@@ -7,7 +7,7 @@ Redis) and ``RedisBroker`` (jobs go to Redis streams, ``softvq worker`` processe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from ..jobs import Job
 from ..settings import Settings
@@ -19,6 +19,11 @@ class Broker(ABC):
     # Called once with the reason when this broker can never run another job (a hung model
     # call); the service decides what to do with the process (service/app.py).
     on_fatal: Callable[[str], None] | None = None
+
+    # Embedded mode: called with (tracked jobs, step, steps) as their batch runs (0, 0 when
+    # it starts), to update their records (service/async_jobs.py). Redis workers write to
+    # the job store themselves.
+    on_progress: Callable[[list[Job], int, int], Awaitable[None]] | None = None
 
     def alive(self) -> tuple[bool, str]:
         """(False, why) once the broker can never run another job: a liveness probe should
@@ -42,6 +47,17 @@ class Broker(ABC):
         model), JobFailed, InvalidJob, BrokerUnavailable (Redis down or shutting down: fails
         fast, never hangs). Cancelling the awaiting task drops the job if it has not started.
         """
+
+    @abstractmethod
+    async def cancel(self, job_id: str) -> None:
+        """Give up on a job (DELETE /jobs/{id}): one not started never runs; a running one
+        leaves its sampling loop at the next step while the rest of its batch goes on; a
+        ``submit`` awaiting it raises JobCanceled. Unknown or finished ids: nothing."""
+
+    async def queue_position(self, job_id: str) -> int | None:
+        """Jobs of the same model and task ahead of this one (0: next), or None when it is
+        not waiting here (running, finished, or queued through another API replica)."""
+        return None
 
     @abstractmethod
     async def ready(self) -> tuple[bool, str]:

@@ -18,7 +18,16 @@ from collections import Counter
 from .. import metrics
 from ..batcher import Batcher, HungModelCall, JobSource, Outcome
 from ..executor import Executor
-from ..jobs import BrokerUnavailable, Job, JobError, JobTimeout, ModelHung, QueueFull
+from ..jobs import (
+    BrokerUnavailable,
+    Job,
+    JobCanceled,
+    JobError,
+    JobTimeout,
+    ModelHung,
+    QueueFull,
+)
+from ..lanes import lane_rank
 from ..registry import ModelRegistry
 from ..settings import Settings
 from .base import Broker
@@ -37,7 +46,9 @@ class InProcessBroker(Broker, JobSource):
         self._task: asyncio.Task | None = None
         self._queue: asyncio.Queue[Job] | None = None
         self._futures: dict[str, asyncio.Future] = {}  # job id -> its caller's future
+        self._jobs: dict[str, Job] = {}  # job id -> job, while its caller waits
         self._counts: Counter[tuple[str, str]] = Counter()  # (model, task) -> accepted, unanswered
+        self._lane_counts: Counter[tuple[str, str, str]] = Counter()  # the same, per lane
         self._closing = False
         self._error: str | None = None
         self._hung: str | None = None  # why the model thread is lost for good
@@ -102,8 +113,9 @@ class InProcessBroker(Broker, JobSource):
             raise ModelHung(f"{self._hung}; the service is restarting")
         if self._task.done():
             raise BrokerUnavailable(self._error or "the batcher is not running")
-        key = (job.model, job.task)
-        if self._counts[key] >= self.settings.queue_max:
+        # Bounded per lane, as the Redis streams are: a flood of batch jobs never makes an
+        # interactive request 429.
+        if self._lane_counts[(job.model, job.task, job.priority)] >= self.settings.queue_max:
             raise QueueFull(
                 f"queue for {job.model}/{job.task} is full ({self.settings.queue_max} jobs)"
             )
@@ -111,7 +123,8 @@ class InProcessBroker(Broker, JobSource):
             job.deadline = time.time() + self.settings.request_timeout_s
         fut = asyncio.get_running_loop().create_future()
         self._futures[job.id] = fut
-        self._count(key, +1)
+        self._jobs[job.id] = job
+        self._count(job, +1)
         self._queue.put_nowait(job)
         try:
             return await asyncio.wait_for(fut, timeout=max(0.0, job.deadline - time.time()))
@@ -120,8 +133,38 @@ class InProcessBroker(Broker, JobSource):
         finally:
             # Timed out or cancelled (client went away): forget the job; the batcher drops it
             # when it comes up (``cancelled`` below) instead of running it.
+            self._jobs.pop(job.id, None)
             if self._futures.pop(job.id, None) is not None:
-                self._count(key, -1)
+                self._count(job, -1)
+
+    async def cancel(self, job_id: str) -> None:
+        # Without its future the batcher treats the job as gone: dropped unrun if queued,
+        # its rows dropped at the next sampling step if running (Batcher._watch).
+        fut = self._futures.pop(job_id, None)
+        if fut is None:
+            return
+        job = self._jobs.pop(job_id, None)
+        if job is not None:
+            self._count(job, -1)
+        if not fut.done():
+            fut.set_exception(JobCanceled("cancelled by its caller"))
+
+    async def queue_position(self, job_id: str) -> int | None:
+        job = self._jobs.get(job_id)
+        if job is None or self.batcher is None or job in self.batcher.running:
+            return None
+        waiting = [j for q in self.batcher.pending.values() for _, j in q]
+        waiting += list(self._queue._queue)  # noqa: SLF001 - a read-only look
+        if not any(j.id == job_id for j in waiting):
+            return None
+        return sum(
+            1
+            for j in waiting
+            if (j.model, j.task) == (job.model, job.task)
+            and j.id != job_id
+            and j.id in self._futures
+            and (lane_rank(j), j.created) < (lane_rank(job), job.created)
+        )
 
     async def ready(self) -> tuple[bool, str]:
         if self._closing:
@@ -172,15 +215,20 @@ class InProcessBroker(Broker, JobSource):
     async def finish(self, items: list[tuple[Job, Outcome]]) -> None:
         for job, outcome in items:
             fut = self._futures.pop(job.id, None)
+            self._jobs.pop(job.id, None)
             if fut is None:
                 continue  # its caller already gave up
-            self._count((job.model, job.task), -1)
+            self._count(job, -1)
             if fut.done() or outcome is None:
                 continue
             if isinstance(outcome, JobError):
                 fut.set_exception(outcome)
             else:
                 fut.set_result(outcome)
+
+    async def progress(self, jobs: list[Job], step: int, steps: int) -> None:
+        if self.on_progress is not None:
+            await self.on_progress(jobs, step, steps)
 
     async def retry(self, jobs: list[Job]) -> None:
         for job in jobs:
@@ -191,13 +239,20 @@ class InProcessBroker(Broker, JobSource):
             self._queue.put_nowait(job)
 
     # --- helpers ------------------------------------------------------------------------
-    def _count(self, key: tuple[str, str], delta: int) -> None:
+    def _count(self, job: Job, delta: int) -> None:
+        key = (job.model, job.task)
         self._counts[key] += delta
+        self._lane_counts[(*key, job.priority)] += delta
         metrics.QUEUE_DEPTH.labels(model=key[0], task=key[1]).set(self._counts[key])
+        metrics.LANE_DEPTH.labels(model=key[0], task=key[1], lane=job.priority).set(
+            self._lane_counts[(*key, job.priority)]
+        )
 
     def _fail_all(self, error: JobError) -> None:
         for job_id, fut in list(self._futures.items()):
             if not fut.done():
                 fut.set_exception(error)
             self._futures.pop(job_id, None)
+        self._jobs.clear()
         self._counts.clear()
+        self._lane_counts.clear()

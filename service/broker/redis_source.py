@@ -29,6 +29,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from .. import metrics
 from ..batcher import JobSource, Outcome
+from ..job_store import RedisJobStore
 from ..jobs import Job, JobFailed
 from ..registry import ModelRegistry
 from ..serialization import dump_job, dump_outcome, load_job
@@ -67,7 +68,11 @@ class RedisSource(JobSource):
         self.redis = redis
         self.keys = Keys(settings.stream_prefix)
         self.consumer = worker_id
-        self.streams = [self.keys.stream(m, t) for m, t in registry.streams()]
+        pairs = registry.streams()
+        self.interactive = [self.keys.stream(m, t) for m, t in pairs]
+        self.batch = [self.keys.stream(m, t, "batch") for m, t in pairs]
+        self.streams = self.interactive + self.batch
+        self.jobs = RedisJobStore(redis, settings.stream_prefix, settings.job_ttl_s)
         self.entries: dict[str, tuple[str, str, str]] = {}  # job id -> (stream, entry id, reply)
         self.claim_every = settings.visibility_timeout_s / 2
         self._last_claim = 0.0
@@ -100,17 +105,28 @@ class RedisSource(JobSource):
             if time.monotonic() - self._last_claim >= self.claim_every:
                 self._last_claim = time.monotonic()
                 jobs += await self._reclaim(limit)
-            if len(jobs) < limit:
-                # Blocking reads stay short (<= 1 s, under the client's socket timeout) so
-                # reclaiming, shutdown and a Redis outage are all noticed promptly.
-                # (BLOCK 0 would mean forever, hence at least 1 ms.)
-                block = max(1, int(min(timeout, 1.0) * 1000)) if timeout > 0 and not jobs else None
+            # Interactive streams first: the batch lane gets only the room they leave.
+            for streams in (self.interactive, self.batch):
+                if len(jobs) >= limit:
+                    break
+                resp = await self.redis.xreadgroup(
+                    self.keys.group,
+                    self.consumer,
+                    dict.fromkeys(streams, ">"),
+                    count=limit - len(jobs),
+                )
+                for stream, entries in resp or []:
+                    jobs += await self._accept(_s(stream), entries)
+            if not jobs and timeout > 0:
+                # Nothing waiting: block on every stream. Blocking reads stay short (<= 1 s,
+                # under the client's socket timeout) so reclaiming, shutdown and a Redis
+                # outage are all noticed promptly. (BLOCK 0 would mean forever.)
                 resp = await self.redis.xreadgroup(
                     self.keys.group,
                     self.consumer,
                     dict.fromkeys(self.streams, ">"),
-                    count=limit - len(jobs),
-                    block=block,
+                    count=limit,
+                    block=max(1, int(min(timeout, 1.0) * 1000)),
                 )
                 for stream, entries in resp or []:
                     jobs += await self._accept(_s(stream), entries)
@@ -239,6 +255,14 @@ class RedisSource(JobSource):
             # Redis went away mid-batch: the callers were already failed with 503 by their
             # API, and the entries are gone with Redis's data (or will be redelivered).
             log.warning("could not deliver %d answers: %s", len(items), e)
+
+    async def progress(self, jobs: list[Job], step: int, steps: int) -> None:
+        """Straight into the jobs' records and event logs: any API replica streams them."""
+        for job in jobs:
+            if step == 0:
+                await self.jobs.transition(job.id, "started")
+            else:
+                await self.jobs.transition(job.id, "progress", {"step": step, "steps": steps})
 
     async def retry(self, jobs: list[Job]) -> None:
         await self._requeue(jobs)

@@ -3,6 +3,7 @@
 Layout in Redis (``p`` = settings.stream_prefix; deploy/ and KEDA read the first two):
 
     {p}:jobs:{model}:{task}   stream, one per model and task; entries {job: frame, reply: key}
+    {p}:jobs:{model}:{task}:batch   the same for the batch lane (service/lanes.py)
     {p}-workers               the one consumer group every ``softvq worker`` reads through
     {p}:reply:{api_id}        list, one per API process: answers pushed by workers (TTL)
     {p}:done:{job_id}         "already answered" marker (TTL): the first answer wins
@@ -48,7 +49,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import metrics
-from ..jobs import BrokerUnavailable, Job, JobError, JobTimeout, QueueFull
+from ..jobs import BrokerUnavailable, Job, JobCanceled, JobError, JobTimeout, QueueFull
+from ..lanes import LANES
 from ..serialization import dump_job, load_outcome
 from ..settings import Settings
 from .base import Broker
@@ -103,8 +105,10 @@ class Keys:
         self.prefix = prefix
         self.group = f"{prefix}-workers"
 
-    def stream(self, model: str, task: str) -> str:
-        return f"{self.prefix}:jobs:{model}:{task}"
+    def stream(self, model: str, task: str, lane: str = "interactive") -> str:
+        """The interactive lane keeps the stream name of before lanes (KEDA, dashboards)."""
+        base = f"{self.prefix}:jobs:{model}:{task}"
+        return base if lane != "batch" else f"{base}:batch"
 
     def reply(self, api_id: str) -> str:
         return f"{self.prefix}:reply:{api_id}"
@@ -123,7 +127,7 @@ class Keys:
         return f"{self.prefix}:worker:{worker_id}"
 
 
-def connect(url: str) -> aioredis.Redis:
+def connect(url: str, max_connections: int | None = None) -> aioredis.Redis:
     """A client that fails fast when Redis is gone (1 s to connect) but tolerates the short
     blocking reads (<= 1 s) the broker and workers issue.
 
@@ -131,9 +135,12 @@ def connect(url: str) -> aioredis.Redis:
     (`docker compose restart redis`), every pooled connection is dead and would fail its
     next command once -- a 503 for each, long after Redis is back (deploy/smoke/check.py
     found it). With Redis still gone the retry's connect is refused at once, so failing fast
-    is unchanged."""
-    return aioredis.from_url(
-        url,
+    is unchanged.
+
+    ``max_connections``: a pool of that many connections that makes a command wait (up to
+    5 s) for a free one instead of failing at once (the API's job store and cache: many
+    event streams each hold a connection during their short blocking reads)."""
+    options = dict(
         socket_connect_timeout=1.0,
         socket_timeout=5.0,
         retry_on_timeout=False,
@@ -141,6 +148,12 @@ def connect(url: str) -> aioredis.Redis:
         retry_on_error=[RedisConnectionError],
         health_check_interval=10,
     )
+    if max_connections is None:
+        return aioredis.from_url(url, **options)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=5.0, **options
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def ttl_seconds(settings: Settings) -> int:
@@ -182,6 +195,8 @@ class RedisBroker(Broker):
         self.reply_key = self.keys.reply(self.api_id)
         self.redis: aioredis.Redis | None = None
         self._waiters: dict[str, asyncio.Future] = {}
+        self._entries: dict[str, tuple[str, str]] = {}  # job id -> (stream, entry id), queued
+        self._tracked: set[str] = set()  # waiters of async jobs
         self._listener: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._closing = False
@@ -196,8 +211,11 @@ class RedisBroker(Broker):
     async def stop(self) -> None:
         """Refuse new jobs, wait (up to their deadlines) for the answers already awaited."""
         self._closing = True
-        while self._waiters:
+        # Sync callers are waited for (up to their deadlines). Async jobs may run for an
+        # hour: their waiters are failed now; their records say so (service/async_jobs.py).
+        while set(self._waiters) - self._tracked:
             await asyncio.sleep(0.05)
+        self._fail_waiters(BrokerUnavailable("the API replica running this job stopped"))
         self._listening = False
         if self._listener is not None:
             self._listener.cancel()
@@ -214,9 +232,11 @@ class RedisBroker(Broker):
             )
         if not job.deadline:
             job.deadline = time.time() + self.settings.request_timeout_s
-        stream = self.keys.stream(job.model, job.task)
+        stream = self.keys.stream(job.model, job.task, job.priority)
         fut = asyncio.get_running_loop().create_future()
         self._waiters[job.id] = fut
+        if job.tracked:
+            self._tracked.add(job.id)
         entry_id = None
         try:
             try:
@@ -231,6 +251,7 @@ class RedisBroker(Broker):
                 raise QueueFull(
                     f"queue for {job.model}/{job.task} is full ({self.settings.queue_max} jobs)"
                 )
+            self._entries[job.id] = (stream, _s(entry_id))
             try:
                 outcome = await asyncio.wait_for(fut, timeout=max(0.0, job.deadline - time.time()))
             except asyncio.TimeoutError:
@@ -241,9 +262,38 @@ class RedisBroker(Broker):
                 raise
         finally:
             self._waiters.pop(job.id, None)
+            self._entries.pop(job.id, None)
+            self._tracked.discard(job.id)
         if isinstance(outcome, JobError):
             raise outcome
         return outcome
+
+    async def cancel(self, job_id: str) -> None:
+        """Mark the job cancelled for the workers (an unstarted one is dropped unrun, a
+        running one leaves its sampling loop at the next step) and fail its waiter here, if
+        this replica has one."""
+        if self.redis is None:
+            return
+        try:
+            await self.redis.set(self.keys.cancel(job_id), 1, ex=ttl_seconds(self.settings))
+        except UNAVAILABLE as e:
+            raise BrokerUnavailable(f"Redis is unreachable: {e}") from None
+        fut = self._waiters.get(job_id)
+        if fut is not None and not fut.done():
+            fut.set_result(JobCanceled("cancelled by its caller"))
+
+    async def queue_position(self, job_id: str) -> int | None:
+        where = self._entries.get(job_id)
+        if where is None or self.redis is None:
+            return None
+        stream, entry_id = where
+        try:
+            ahead = await self.redis.xrange(
+                stream, "-", entry_id, count=self.settings.queue_max + 1
+            )
+        except RedisError:
+            return None
+        return max(0, len(ahead) - 1)
 
     def _cancel_later(self, job: Job, stream: str, entry_id) -> None:
         """Drop a job nobody waits for by marking it cancelled: the worker that reads it
@@ -350,8 +400,13 @@ class RedisBroker(Broker):
         if self.redis is None:
             return 0
         try:
-            depth = int(await self.redis.xlen(self.keys.stream(model, task)))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for lane in LANES:
+                    pipe.xlen(self.keys.stream(model, task, lane))
+                depths = [int(d) for d in await pipe.execute()]
         except RedisError as e:
             raise BrokerUnavailable(f"Redis unreachable: {e}") from None
-        metrics.QUEUE_DEPTH.labels(model=model, task=task).set(depth)
-        return depth
+        for lane, d in zip(LANES, depths, strict=True):
+            metrics.LANE_DEPTH.labels(model=model, task=task, lane=lane).set(d)
+        metrics.QUEUE_DEPTH.labels(model=model, task=task).set(sum(depths))
+        return sum(depths)

@@ -11,6 +11,7 @@ const state = {
   key: sessionStorage.getItem(KEY_STORE) || "",
   models: null, // GET /models
   genAbort: null, // AbortController of the running /generate
+  genJob: null, // the running /generate's job ({id, urls}), to cancel it
   lastSent: null, // the last /generate body sent (the curl box shows it)
   file: null, // the image of the reconstruct panel
   recRun: 0, // reconstruct runs: a newer one supersedes an older one's answers
@@ -29,10 +30,11 @@ class ApiError extends Error {
 
 class InputError extends Error {}
 
-async function api(path, { method = "GET", json, form, signal, accept } = {}) {
+async function api(path, { method = "GET", json, form, signal, accept, prefer } = {}) {
   const headers = {};
   if (state.key) headers.Authorization = `Bearer ${state.key}`;
   if (accept) headers.Accept = accept;
+  if (prefer) headers.Prefer = prefer;
   let body;
   if (json !== undefined) {
     headers["Content-Type"] = "application/json";
@@ -85,6 +87,58 @@ const HEADLINES = {
   503: "The service is unavailable right now",
   504: "The request ran out of time",
 };
+
+// A failed job's error code -> the HTTP status the same request would have had synchronously.
+const JOB_ERROR_STATUS = {
+  timeout: 504,
+  queue_full: 429,
+  invalid_input: 422,
+  broker_unavailable: 503,
+  model_hung: 503,
+};
+
+// Follows a job's Server-Sent Events (GET /jobs/{id}/events) with fetch, so the API key goes
+// in a header as everywhere else: ``onProgress(step, steps)`` per progress event; resolves
+// with the job's output, or throws its error (an AbortError once it was cancelled).
+async function followJob(job, onProgress, signal) {
+  const response = await api(job.urls.events, { signal, accept: "text/event-stream" });
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let event = "message";
+  let data = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, end).replace(/\r$/, "");
+      buffer = buffer.slice(end + 1);
+      if (line === "") {
+        if (data) {
+          const body = JSON.parse(data);
+          if (event === "progress") onProgress(body.step, body.steps);
+          if (event === "succeeded") return body.output;
+          if (event === "failed") {
+            const { error, message } = body.error;
+            throw new ApiError(JOB_ERROR_STATUS[error] || 500, error, message);
+          }
+          if (event === "canceled") throw new DOMException("cancelled", "AbortError");
+        }
+        event = "message";
+        data = "";
+      } else if (!line.startsWith(":")) {
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let text = colon < 0 ? "" : line.slice(colon + 1);
+        if (text.startsWith(" ")) text = text.slice(1);
+        if (field === "event") event = text;
+        if (field === "data") data = data ? `${data}\n${text}` : text;
+      }
+    }
+  }
+  throw new ApiError(0, "network_error", "the job's event stream ended early");
+}
 
 function describe(err) {
   if (typeof err === "string") return err;
@@ -396,6 +450,8 @@ function setGenerating(on, text = "") {
   cancel.disabled = !on;
   $("gen-progress").hidden = !on;
   $("gen-progress-text").textContent = text;
+  // Indeterminate until the first progress event of the job arrives.
+  document.querySelector("#gen-progress progress").removeAttribute("value");
   if (on && hadFocus === run) cancel.focus();
   if (!on && hadFocus === cancel) run.focus();
 }
@@ -419,23 +475,40 @@ $("gen-form").addEventListener("submit", async (ev) => {
   const controller = new AbortController();
   state.genAbort = controller;
   const t0 = performance.now();
-  // The API has no progress stream yet: an indeterminate bar and the time spent, no more.
+  // The request runs as a job (Prefer: respond-async); its event stream drives the bar: the
+  // sampler's step of the steps, and the time spent.
+  let done = "";
   const tick = () => {
     const s = ((performance.now() - t0) / 1000).toFixed(0);
-    $("gen-progress-text").textContent = `Generating ${what}… ${s} s`;
+    $("gen-progress-text").textContent = `Generating ${what}… ${done}${s} s`;
+  };
+  const onProgress = (step, steps) => {
+    const bar = document.querySelector("#gen-progress progress");
+    bar.max = steps;
+    bar.value = step;
+    done = `step ${step} of ${steps}, `;
+    tick();
   };
   setGenerating(true);
   tick();
   const timer = setInterval(tick, 500);
   try {
-    const response = await api("/generate", { method: "POST", json: body, signal: controller.signal });
-    const data = await response.json();
+    // interactive: someone is watching (async jobs default to the batch lane)
+    const accepted = await api("/generate", {
+      method: "POST",
+      json: { ...body, priority: "interactive" },
+      signal: controller.signal,
+      prefer: "respond-async",
+    });
+    const job = await accepted.json();
+    state.genJob = job;
+    const data = await followJob(job, onProgress, controller.signal);
     renderGrid(data, (performance.now() - t0) / 1000);
   } catch (e) {
     if (e.name === "AbortError") {
       showError(
         errorBox,
-        "Cancelled. The server drops the job if it had not started; a running batch finishes.",
+        "Cancelled. The server drops the job, or stops it at its next sampling step.",
         "notice",
       );
     } else {
@@ -444,11 +517,13 @@ $("gen-form").addEventListener("submit", async (ev) => {
   } finally {
     clearInterval(timer);
     state.genAbort = null;
+    state.genJob = null;
     setGenerating(false);
   }
 });
 
 $("gen-cancel").addEventListener("click", () => {
+  if (state.genJob) api(state.genJob.urls.cancel, { method: "DELETE" }).catch(() => {});
   if (state.genAbort) state.genAbort.abort();
 });
 
