@@ -12,10 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import model
+from model.pipeline import sample_latents
 from model.training.classifier import load_judge, train_judge
 from model.training.data import ProceduralShapes
-from model.training.generator_trainer import GeneratorTrainConfig, train_generator
-from model.pipeline import sample_latents
+from model.training.generator_trainer import GeneratorTrainConfig, sample_time, train_generator
 from model.training.tokenizer_trainer import (
     TokenizerTrainConfig,
     measure_latent_stats,
@@ -286,3 +286,14 @@ def test_generator_samples_land_at_their_class_mean(tmp_path, trained_tiny_token
         if cfg_scale == 1.0:  # guidance overshoots past the mean by design
             # At the asked class's mean (within-class variance 0.0025), far from others (~2).
             assert float(dist[torch.arange(40), asked].mean()) < 0.1
+
+
+def test_training_time_distributions():
+    torch.manual_seed(0)
+    uniform, lognormal = sample_time(20_000, "uniform"), sample_time(20_000, "lognormal")
+    assert 0 < float(uniform.min()) and float(uniform.max()) < 1
+    # lognormal (sigmoid of a standard normal) puts ~8 % of t above 0.8, uniform 20 %
+    assert float((uniform > 0.8).float().mean()) == pytest.approx(0.2, abs=0.02)
+    assert float((lognormal > 0.8).float().mean()) == pytest.approx(0.082, abs=0.01)
+    with pytest.raises(ValueError, match="time distribution"):
+        sample_time(4, "cosine")
