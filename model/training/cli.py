@@ -87,6 +87,12 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--class-dropout", type=float, default=0.1)
     p.add_argument(
+        "--time-dist",
+        choices=("lognormal", "uniform"),
+        default="lognormal",
+        help="training times: sigmoid of a standard normal, or uniform",
+    )
+    p.add_argument(
         "--train-size",
         type=int,
         default=20_000,
@@ -258,6 +264,7 @@ def _train_generator(args) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         class_dropout=args.class_dropout,
+        time_dist=args.time_dist,
         train_size=args.train_size,
         teacher=args.teacher,
         repa_weight=args.repa_weight,

@@ -47,6 +47,7 @@ class GeneratorTrainConfig:
     depth: int = 4
     num_heads: int = 4
     class_dropout: float = 0.1
+    time_dist: str = "lognormal"  # "lognormal" (t = sigmoid(n), n ~ N(0, 1)) or "uniform"
     steps: int = 4000
     batch_size: int = 128
     lr: float = 1e-3
@@ -83,10 +84,25 @@ def encode_dataset(tok: SoftVQTokenizer, dataset, batch_size: int = 100, quiet: 
     return torch.cat(xs).float(), torch.cat(ys).long()
 
 
-def flow_matching_loss(gen: SiT, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+TIME_DISTS = ("lognormal", "uniform")
+
+
+def sample_time(batch: int, dist: str = "lognormal") -> torch.Tensor:
+    """Training times in (0, 1). "lognormal": t = sigmoid(n), n ~ N(0, 1) (i.e. t = s / (1 + s),
+    s = exp(n)), which puts few samples near t = 1; "uniform": SiT's default."""
+    if dist == "lognormal":
+        return torch.sigmoid(torch.randn(batch))
+    if dist == "uniform":
+        return torch.rand(batch)
+    raise ValueError(f"unknown time distribution {dist!r}; expected one of {TIME_DISTS}")
+
+
+def flow_matching_loss(
+    gen: SiT, x0: torch.Tensor, y: torch.Tensor, time_dist: str = "lognormal"
+) -> torch.Tensor:
     """x0 (B, L, D) normalised latents, y (B,) labels -> MSE to the velocity eps - x0."""
     B = x0.shape[0]
-    t = torch.sigmoid(torch.randn(B))  # lognormal: t = s / (1 + s), s = exp(n)
+    t = sample_time(B, time_dist)
     eps = torch.randn_like(x0)
     tb = t[:, None, None]
     x_t = (1 - tb) * x0 + tb * eps
@@ -104,14 +120,15 @@ def generator_loss(gen: SiT, x0, y, target=None, cfg=None):
     """Flow matching, plus REPA when ``target`` (B, L, C) teacher features are given: the
     hidden states after block ``cfg.repa_block`` through ``gen.projection``.
     Returns (total, parts)."""
+    time_dist = cfg.time_dist if cfg is not None else "lognormal"
     if target is None:
-        fm = flow_matching_loss(gen, x0, y)
+        fm = flow_matching_loss(gen, x0, y, time_dist)
         return fm, {"fm": fm.item()}
     captured = []
     block = gen.blocks[repa_block_index(cfg, len(gen.blocks)) - 1]
     hook = block.register_forward_hook(lambda m, i, o: captured.append(o))
     try:
-        fm = flow_matching_loss(gen, x0, y)
+        fm = flow_matching_loss(gen, x0, y, time_dist)
     finally:
         hook.remove()
     a = alignment_loss(gen.projection(captured[0]), target)
