@@ -354,7 +354,7 @@ def prom(s: Stack, path: str) -> dict:
     return get_json(f"{s.prom}{path}")["data"]
 
 
-@check("prometheus: targets up, alert rules loaded")
+@check("prometheus: targets up, alert and recording rules loaded")
 def prometheus(s: Stack) -> dict:
     t0 = time.monotonic()
     while True:  # DNS discovery and scrapes run every 15 s (deploy/prometheus/prometheus.yml)
@@ -370,11 +370,14 @@ def prometheus(s: Stack) -> dict:
         time.sleep(2)
     groups = prom(s, "/api/v1/rules")["groups"]
     rules = {r["name"]: r["health"] for g in groups for r in g["rules"]}
-    wanted = set(
-        re.findall(
-            r"^\s*- alert:\s*(\S+)", (ROOT / "deploy/prometheus/alerts.yml").read_text(), re.M
+    # Every alert of alerts.yml and every recorded series of recording.yml, nothing else.
+    wanted = {
+        name
+        for f, kind in (("alerts.yml", "alert"), ("recording.yml", "record"))
+        for name in re.findall(
+            rf"^\s*- {kind}:\s*(\S+)", (ROOT / "deploy/prometheus" / f).read_text(), re.M
         )
-    )
+    }
     assert wanted and wanted == set(rules), wanted ^ set(rules)
     t1 = time.monotonic()
     while True:  # the rules evaluate every 15 s; `unknown` until their first evaluation
