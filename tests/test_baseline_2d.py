@@ -191,3 +191,25 @@ def test_cli_generates_with_a_released_sit_file_and_an_sd_vae(tmp_path):
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
     r = subprocess.run([*argv, "--steps", "1"], capture_output=True, text=True, timeout=180)
     assert r.returncode == 2 and "SD-VAE" in r.stderr
+
+
+def test_gpu_compare_profile_has_the_published_sizes():
+    """The gpu profile's networks (never run in CI: no GPU) are the published ones: SiT-XL/2
+    with 675M parameters, sd-vae-ft-ema's 83.7M; built on the meta device (no memory)."""
+    from model.sd_vae import random_sd_vae
+    from model.speed_reference import SIZES, random_sit_1d, random_sit_2d
+
+    sizes = SIZES["gpu"]
+    with torch.device("meta"):
+        sit2d = random_sit_2d(sizes.latent_side, sizes.sit, sizes.num_classes)
+        sit1d = random_sit_1d(64, sizes.vit_1d[64][3], sizes.sit, sizes.num_classes)
+        vae = random_sd_vae(sizes.sd_width_scale, sample_size=sizes.image_size)
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    assert abs(count(sit2d) - 675e6) < 1e6, count(sit2d)
+    assert abs(count(vae) - 83.65e6) < 0.1e6, count(vae)
+    # The same 28 blocks of width 1152 on 64 tokens: within 1 % of SiT-XL/2.
+    assert abs(count(sit1d) - count(sit2d)) < 0.01 * count(sit2d)
+    assert sizes.dtype == "bfloat16" and sizes.sd_width_scale == 1.0
