@@ -122,6 +122,7 @@ def test_bad_job_requests_are_refused_before_anything_runs(server):
             ).status_code
             == 400
         )
+        assert c.get("/jobs/no-such-job/events?previews=maybe").status_code == 422
         assert c.get("/healthz").status_code == 200
 
 
