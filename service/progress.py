@@ -26,6 +26,7 @@ takes a lock.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,8 @@ from model.images import tensor_to_uint8
 
 from . import codec
 from .jobs import Job
+
+log = logging.getLogger(__name__)
 
 # How often the event loop forwards a running batch's step (the SSE stream's rate).
 PROGRESS_EVERY_S = 0.25
@@ -129,7 +132,11 @@ class BatchProgress:
         if self._want and x0 is not None and step < steps:
             now = time.monotonic()
             if now >= self._next_preview and self.decode is not None:
-                self._render_previews(step, steps, x0)
+                try:
+                    self._render_previews(step, steps, x0)
+                except Exception as e:  # noqa: BLE001 - a preview is advisory: the batch goes on
+                    log.warning("previews stopped for this batch: %s: %s", type(e).__name__, e)
+                    self._want = frozenset()
                 cost = time.monotonic() - now
                 self._next_preview = now + max(PREVIEW_EVERY_S, cost / PREVIEW_MAX_SHARE)
         if self._guest is not None and step < steps:

@@ -482,6 +482,9 @@ def test_openapi_documents_the_job_endpoints(server):
     assert "post" in paths["/jobs/{job_id}/cancel"]
     events = paths["/jobs/{job_id}/events"]["get"]["responses"]["200"]
     assert "text/event-stream" in events["content"]
+    assert "`preview`" in events["description"] and "?previews=1" in events["description"]
+    params = paths["/jobs/{job_id}/events"]["get"]["parameters"]
+    assert "previews" in [p["name"] for p in params]
     assert "202" in paths["/jobs"]["post"]["responses"]
     for sync in ("/generate", "/tokenize", "/reconstruct", "/decode"):
         assert "202" in paths[sync]["post"]["responses"], sync  # Prefer: respond-async
