@@ -2,7 +2,9 @@
 
 progress   generation with the service's per-step callback (service/progress.py's
            BatchProgress.on_step, as every generate batch now runs) against none:
-           images/s ratio, interleaved runs, median of ``--rounds`` (goal: >= 0.97)
+           images/s ratio, interleaved runs, median of ``--rounds`` (goal: >= 0.97);
+           and a third arm where every job asked for previews (the x0 estimate decoded
+           by softvq-demo-64 and PNG-encoded about every second): what previews cost
 cache      /tokenize through HTTP (`softvq serve`'s app under uvicorn, bundled demo
            models, one 64x64 PNG): a cache hit's latency against a miss's
            (Cache-Control: no-cache), median ms of each (goal: a hit under 5 ms)
@@ -10,6 +12,7 @@ lanes      /generate of one image through HTTP: latency on an idle server agains
            same request while 200 batch-lane jobs are queued (goal: <= 2x)
 
 python3 -m loadtests.jobs_bench [--rounds 9] [--steps 50] [--batch 8] [--device cpu]
+(previews need runs longer than a second: --steps 250)
 """
 
 from __future__ import annotations
@@ -42,25 +45,41 @@ DEMO = ROOT / "model" / "demo_weights"
 
 def progress_overhead(rounds: int, steps: int, batch: int, device: str) -> dict:
     gen = model.load_generator(DEMO / "sit-demo-64", device=device)
+    tok = model.load_tokenizer(DEMO / "softvq-demo-64", device=device)
     runner = make_generator_runner(gen, "eager")
     labels, seeds = [i % 10 for i in range(batch)], list(range(batch))
     jobs = [Job("sit-demo-64", "generate", {"n": 1}) for _ in range(batch)]
+    watched = [
+        Job("sit-demo-64", "generate", {"n": 1}, tracked=True, previews=True) for _ in range(batch)
+    ]
 
-    def run(on: bool) -> tuple[float, float]:
-        progress = BatchProgress(jobs)
-        progress.begin(jobs)
+    def run(mode: str) -> tuple[float, float]:
+        progress = BatchProgress(watched if mode == "previews" else jobs)
+        progress.begin(progress.jobs)
+
+        def decode(z):
+            decodes.append(1)
+            return tok.decode(z.float() * tok.vq_std + tok.vq_mean).float()
+
+        progress.decode = decode
         t0, c0 = time.perf_counter(), time.thread_time()
         with torch.inference_mode():
-            sample_latents(runner, labels, seeds, steps, on_step=progress.on_step if on else None)
+            on_step = progress.on_step if mode != "off" else None
+            sample_latents(runner, labels, seeds, steps, on_step=on_step)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - t0, time.thread_time() - c0
 
-    run(False), run(True)  # warm-up
-    off, on = [], []
-    for i in range(rounds):  # interleaved, alternating which goes first
-        for flag in (i % 2 == 0, i % 2 == 1):
-            (on if flag else off).append(run(flag))
+    decodes: list[int] = []
+    for mode in ("off", "on", "previews"):
+        run(mode)  # warm-up
+    decodes.clear()
+    off, on, prev = [], [], []
+    arms = {"off": off, "on": on, "previews": prev}
+    for i in range(rounds):  # interleaved, rotating which goes first
+        order = ["off", "on", "previews"]
+        for mode in order[i % 3 :] + order[: i % 3]:
+            arms[mode].append(run(mode))
     out = {"runs": rounds}
     # The machine is shared: the best run (least disturbed) and the median, of wall time and
     # of this thread's CPU time (torch runs on this one thread here: set_num_threads(1)).
@@ -70,6 +89,11 @@ def progress_overhead(rounds: int, steps: int, batch: int, device: str) -> dict:
             out[f"{what}_{stat}_images_per_s_off"] = batch / t_off
             out[f"{what}_{stat}_images_per_s_on"] = batch / t_on
             out[f"{what}_{stat}_ratio_on_over_off"] = t_off / t_on
+            t_prev = f(r[k] for r in prev)
+            out[f"{what}_{stat}_images_per_s_previews"] = batch / t_prev
+            out[f"{what}_{stat}_ratio_previews_over_off"] = t_off / t_prev
+    out["seconds_per_run_median"] = statistics.median(r[0] for r in off)
+    out["previews_per_run"] = len(decodes) / rounds
     return out
 
 

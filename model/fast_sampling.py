@@ -137,7 +137,8 @@ def sample_graphed(
     """Like model.sampling.sample; on CUDA the ODE samplers replay a cached CUDA graph.
 
     A replayed graph runs every step in one call, so ``on_step`` is called once, after the
-    last step (rows it drops are then dropped from the result).
+    last step (rows it drops are then dropped from the result; at t = 0 the state is its own
+    x0 estimate).
 
     Graphs are cached per (model, batch, shape, steps, sampler, interval, guided), at most
     MAX_CACHED_GRAPHS of them (each holds its own memory pool).
@@ -188,5 +189,5 @@ def sample_graphed(
             _cache.popitem(last=False)
     _cache.move_to_end(key)
     x = graphed(noise, labels, scale)[:n]
-    keep = on_step(int(steps), int(steps), x) if on_step is not None else None
+    keep = on_step(int(steps), int(steps), x, lambda: x) if on_step is not None else None
     return x if keep is None else x[torch.as_tensor(keep, dtype=torch.long, device=x.device)]

@@ -56,7 +56,8 @@ def sample_latents(
     """Normalised latents (B, L, D) (2-D models: (B, C, H, W)) in float32, each drawn from
     its own seed.
 
-    ``on_step(step, steps, x)``: progress and row dropping, see ``model.sampling``.
+    ``on_step(step, steps, x, x0)``: progress, row dropping and the x0 estimate, see
+    ``model.sampling``.
 
     ``cuda_graphs``: on CUDA with an eager runner, replay the whole Euler / Heun step loop as
     one CUDA graph (``model.fast_sampling``); everywhere else it changes nothing."""

@@ -7,25 +7,33 @@ the model sees its own dtype.
 Classifier-free guidance runs the conditional and null inputs as one batch of 2B, and only
 while t_cur is inside the guidance interval; outside it the null branch is skipped.
 
-``on_step(step, steps, x)`` (optional) is called after each step with the state of the rows
-still sampled. It returns None to go on, or the indices of the rows to keep: the others leave
-the loop at once (a caller that gave up on them), the rest continue unchanged (every sample
-has its own noise and guidance scale), and the result holds only the kept rows. The call is
-the only cost when it returns None, so a cheap callback does not slow the loop.
+``on_step(step, steps, x, x0)`` (optional) is called after each step with the state of the
+rows still sampled. It returns None to go on, or the indices of the rows to keep: the others
+leave the loop at once (a caller that gave up on them), the rest continue unchanged (every
+sample has its own noise and guidance scale), and the result holds only the kept rows.
+``x0`` is a zero-argument callable giving the loop's current estimate of the data x_0 for
+those rows (``x0_from_velocity`` of the step's last velocity evaluation); it computes only
+when called and only until on_step returns, so a callback that ignores it (or calls it once
+in a while, as the service's previews do) costs nothing more. The call is the only cost when
+it returns None, so a cheap callback does not slow the loop.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 
 SAMPLERS = ("euler", "heun", "euler-maruyama")
 PATHS = ("linear", "cosine")
 
-# on_step(step, steps, x) -> None (go on) or indices of the rows of x to keep.
-StepCallback = Callable[[int, int, torch.Tensor], "Sequence[int] | torch.Tensor | None"]
+# on_step(step, steps, x, x0) -> None (go on) or indices of the rows of x to keep; x0() is
+# the current estimate of the data for the rows of x.
+StepCallback = Callable[
+    [int, int, torch.Tensor, Callable[[], torch.Tensor]], "Sequence[int] | torch.Tensor | None"
+]
 
 
 def path_coefficients(t: torch.Tensor, path: str):
@@ -47,6 +55,17 @@ def score_from_velocity(
     ratio = alpha / d_alpha
     var = sigma**2 - ratio * d_sigma * sigma
     return (ratio * v - x) / var
+
+
+def x0_from_velocity(v: torch.Tensor, x: torch.Tensor, t, path: str) -> torch.Tensor:
+    """The data x_0 implied by the velocity v at (x, t): with x = alpha x_0 + sigma eps and
+    v = d_alpha x_0 + d_sigma eps, eliminating eps gives
+    x_0 = (sigma v - d_sigma x) / (sigma d_alpha - d_sigma alpha); for the linear path
+    x - t v (an Euler jump to t = 0), for the cosine path the denominator is -pi/2."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    t = t.reshape(-1, *([1] * (x.ndim - 1))) if t.ndim else t
+    alpha, d_alpha, sigma, d_sigma = path_coefficients(t, path)
+    return (sigma * v - d_sigma * x) / (sigma * d_alpha - d_sigma * alpha)
 
 
 def _randn_like(x: torch.Tensor, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
@@ -81,6 +100,9 @@ class GuidedVelocity:
         self.any_guided = bool(self.guided.any())
         self.lo, self.hi = interval
         self.null = torch.full_like(labels, model.num_classes)
+        # The model's output and guided rows of the last transformed call (the SDE's): its
+        # guided plain velocity is computed from them only if asked for (``last_velocity``).
+        self._last: tuple[torch.Tensor, int, torch.Tensor | None] | None = None
 
     def subset(self, keep: torch.Tensor) -> GuidedVelocity:
         """The same guidance for the rows ``keep`` only."""
@@ -108,14 +130,25 @@ class GuidedVelocity:
         t = torch.full((model_x.shape[0],), t_model, dtype=torch.float64, device=x.device)
         v = self.model(model_x.to(dtype), t.to(dtype), model_y).to(torch.float64)
         if transform is not None:
+            self._last = (v, x.shape[0], idx)
             v = transform(v, model_x, t)
-        out = v[: x.shape[0]]
-        if guide:
-            cond, uncond = out[idx], v[x.shape[0] :]
-            s = self.scale[idx].reshape(-1, *([1] * (x.ndim - 1)))
+        return self._guide(v, x.shape[0], idx)
+
+    def _guide(self, v: torch.Tensor, B: int, idx: torch.Tensor | None) -> torch.Tensor:
+        """Rows 0..B of the model's output, the guided ones (idx) combined with their null
+        rows B.. ."""
+        out = v[:B]
+        if idx is not None:
+            cond, uncond = out[idx], v[B:]
+            s = self.scale[idx].reshape(-1, *([1] * (v.ndim - 1)))
             out = out.clone()
             out[idx] = uncond + s * (cond - uncond)
         return out
+
+    def last_velocity(self) -> torch.Tensor:
+        """The guided velocity (not its transform) of the last transformed call."""
+        v, B, idx = self._last
+        return self._guide(v, B, idx)
 
 
 def check_sampling_inputs(gen, noise, labels, steps, sampler, path) -> None:
@@ -161,20 +194,31 @@ def sample(
     if sampler == "euler-maruyama":
         x = _euler_maruyama(velocity, x, steps, path, generators, on_step)
     else:
-        x = _ode(velocity, x, steps, heun=sampler == "heun", t_start=t_start, on_step=on_step)
+        x = _ode(
+            velocity, x, steps, heun=sampler == "heun", t_start=t_start, on_step=on_step, path=path
+        )
     return x.to(noise.dtype)
+
+
+def _estimate(v, x: torch.Tensor, t: float, path: str) -> torch.Tensor:
+    return x0_from_velocity(v() if callable(v) else v, x, t, path)
 
 
 class _Rows:
     """The loop's per-row state, narrowed when ``on_step`` drops rows."""
 
-    def __init__(self, velocity: GuidedVelocity, generators, on_step: StepCallback | None):
+    def __init__(
+        self, velocity: GuidedVelocity, generators, on_step: StepCallback | None, path: str
+    ):
         self.velocity, self.generators, self.on_step = velocity, generators, on_step
+        self.path = path
 
-    def after(self, step: int, steps: int, x: torch.Tensor) -> torch.Tensor:
+    def after(self, step: int, steps: int, x: torch.Tensor, x_at, v_at, t_at) -> torch.Tensor:
+        """After a step to ``x``: tell on_step, whose x0 estimate comes from the velocity
+        ``v_at`` (a tensor, or a callable giving it) evaluated at (``x_at``, ``t_at``)."""
         if self.on_step is None:
             return x
-        keep = self.on_step(step, steps, x)
+        keep = self.on_step(step, steps, x, partial(_estimate, v_at, x_at, t_at, self.path))
         if keep is None:
             return x
         keep = torch.as_tensor(keep, dtype=torch.long).reshape(-1)
@@ -191,8 +235,9 @@ def _ode(
     heun: bool,
     t_start: float = 1.0,
     on_step: StepCallback | None = None,
+    path: str = "linear",
 ) -> torch.Tensor:
-    rows = _Rows(velocity, None, on_step)
+    rows = _Rows(velocity, None, on_step, path)
     grid = torch.linspace(t_start, 0, steps + 1, dtype=torch.float64).tolist()
     for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         if x.shape[0] == 0:
@@ -201,8 +246,11 @@ def _ode(
         x_next = x + (t_next - t_cur) * d_cur
         if heun and i < steps - 1:
             d_prime = rows.velocity(x_next, t_next, t_cur)
-            x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
-        x = rows.after(i + 1, steps, x_next)
+            x_new = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
+            # the estimate from the newest evaluation: at (x_next, t_next)
+            x = rows.after(i + 1, steps, x_new, x_next, d_prime, t_next)
+        else:
+            x = rows.after(i + 1, steps, x_next, x, d_cur, t_cur)
     return x
 
 
@@ -214,7 +262,7 @@ def _euler_maruyama(
     generators: Sequence[torch.Generator] | None,
     on_step: StepCallback | None = None,
 ) -> torch.Tensor:
-    rows = _Rows(velocity, generators, on_step)
+    rows = _Rows(velocity, generators, on_step, path)
     grid = torch.cat(
         [torch.linspace(1.0, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
     )
@@ -235,11 +283,13 @@ def _euler_maruyama(
         drift, w = drift_at(t_cur)
         eps = _randn_like(x, rows.generators)
         d = rows.velocity(x, t_cur, t_cur, transform=drift)
-        x = rows.after(i + 1, steps, x + d * dt + math.sqrt(w) * math.sqrt(abs(dt)) * eps)
+        x_next = x + d * dt + math.sqrt(w) * math.sqrt(abs(dt)) * eps
+        # x0 from the plain velocity (not the drift), computed only if asked for
+        x = rows.after(i + 1, steps, x_next, x, rows.velocity.last_velocity, t_cur)
     if x.shape[0] == 0:
         return x
     # Last step (0.04 -> 0): the drift alone, no noise.
     t_cur, t_next = grid[-2], grid[-1]
     drift, _ = drift_at(t_cur)
-    x = x + (t_next - t_cur) * rows.velocity(x, t_cur, t_cur, transform=drift)
-    return rows.after(steps, steps, x)
+    x_next = x + (t_next - t_cur) * rows.velocity(x, t_cur, t_cur, transform=drift)
+    return rows.after(steps, steps, x_next, x, rows.velocity.last_velocity, t_cur)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from starlette.concurrency import run_in_threadpool
 
 from . import metrics
-from .job_store import ACTIVE, JobRecord, JobStore
+from .job_store import ACTIVE, JobRecord, JobStore, record_progress
 from .jobs import Job, JobCanceled, JobError, JobTimeout, QueueFull
 
 if TYPE_CHECKING:
@@ -119,12 +119,8 @@ class AsyncJobs:
                 await asyncio.sleep(delay)
                 delay = min(1.0, delay * 2)
 
-    async def _progress(self, jobs: list[Job], step: int, steps: int) -> None:
-        for job in jobs:
-            if step == 0:
-                await self.store.transition(job.id, "started")
-            else:
-                await self.store.transition(job.id, "progress", {"step": step, "steps": steps})
+    async def _progress(self, jobs: list[Job], step: int, steps: int, previews=None) -> None:
+        await record_progress(self.store, jobs, step, steps, previews)
 
     async def cancel(self, job_id: str) -> JobRecord | None:
         """Cancel the job if it is still active -> its record (None: unknown id)."""

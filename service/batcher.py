@@ -39,7 +39,7 @@ from . import metrics
 from .executor import Executor, ModelCrashed
 from .jobs import Job, JobCanceled, JobError, JobFailed, JobTimeout
 from .lanes import LanePicker, lane_rank
-from .progress import PREEMPT_POLL_S, PROGRESS_EVERY_S, BatchProgress
+from .progress import PREEMPT_POLL_S, PROGRESS_EVERY_S, BatchProgress, Preview
 from .settings import Settings
 from .tasks import TASKS, BatchPolicy, group_key, job_cost, resolve_policy
 
@@ -71,9 +71,12 @@ class JobSource(ABC):
     async def hand_back(self, jobs: list[Job]) -> None:
         """Jobs taken but never started, at shutdown: let someone else run them."""
 
-    async def progress(self, jobs: list[Job], step: int, steps: int) -> None:
+    async def progress(
+        self, jobs: list[Job], step: int, steps: int, previews: dict[str, Preview] | None = None
+    ) -> None:
         """The running batch's sampling loop is at ``step`` of ``steps`` (0 of 0: the batch
-        started). ``jobs``: its tracked (async) jobs. Default: nobody listens."""
+        started). ``jobs``: its tracked (async) jobs. ``previews``: job id -> its latest
+        preview, for jobs that asked (service/progress.py). Default: nobody listens."""
         return None
 
 
@@ -347,7 +350,8 @@ class Batcher:
         """While a batch runs: every PROGRESS_EVERY_S, hand cancellations to its sampling loop
         (its rows leave at the next step) and report the loop's step for tracked jobs. While
         a batch-lane loop samples, also look for interactive work every PREEMPT_POLL_S and
-        hand it to the loop to run between two steps (service/progress.py)."""
+        hand it to the loop to run between two steps (service/progress.py). Previews the
+        model thread rendered go out with the next report."""
         loop = asyncio.get_running_loop()
         tracked = [j for j in live if j.tracked]
         bulk = all(lane_rank(j) for j in live)
@@ -370,9 +374,11 @@ class Batcher:
                 progress.cancel(gone)
             step, steps = progress.step, progress.steps
             still = [j for j in tracked if j.id not in gone and j.id not in progress.dropped]
-            if still and steps and step != last:
+            ids = {j.id for j in still}
+            previews = {k: p for k, p in progress.take_previews().items() if k in ids}
+            if still and steps and (step != last or previews):
                 last = step
-                await self._report(still, step, steps)
+                await self._report(still, step, steps, previews)
 
     async def _preempt(self, call: asyncio.Future, progress: BatchProgress) -> None:
         """Run waiting interactive work inside the running batch-lane loop, between two of
@@ -406,9 +412,11 @@ class Batcher:
         self.batches_run += 1
         await self._settle(guest, outcomes)
 
-    async def _report(self, jobs: list[Job], step: int, steps: int) -> None:
+    async def _report(
+        self, jobs: list[Job], step: int, steps: int, previews: dict | None = None
+    ) -> None:
         try:
-            await self.source.progress(jobs, step, steps)
+            await self.source.progress(jobs, step, steps, previews or None)
         except Exception as e:  # noqa: BLE001 - progress is advisory; the job goes on
             log.debug("progress report failed: %s", e)
 

@@ -186,6 +186,17 @@ def png_b64_list(images: np.ndarray) -> list[str]:
     return [base64.b64encode(p).decode() for p in png_list(images)]
 
 
+def preview_png(images: np.ndarray, max_side: int) -> bytes:
+    """uint8 (n, S, S, 3) -> one small PNG: each image downscaled to at most ``max_side``
+    px, then the image itself or a grid of all of them (as ``png_single_or_grid``)."""
+    side = min(images.shape[1], max_side)
+    if side != images.shape[1]:
+        images = np.stack(
+            [np.asarray(Image.fromarray(a).resize((side, side), Image.BOX)) for a in images]
+        )
+    return png_single_or_grid(images)
+
+
 def png_single_or_grid(images: np.ndarray) -> bytes:
     """uint8 (n, S, S, 3) -> one PNG: the image itself, or a grid of all of them."""
     pics = [Image.fromarray(a) for a in images]

@@ -17,11 +17,17 @@ Two stores, chosen like the broker (``make_job_store``):
 Every change is a transition that names the states it may leave (``TRANSITIONS``), applied
 atomically (a Lua script in Redis): a job cancelled while its worker reports progress stays
 cancelled, and a terminal state is final.
+
+``preview`` events (a base64 PNG of the sampler's x0 estimate, for jobs submitted with
+``previews``) are the one large event: only the latest is kept. A new one supersedes the
+one before: deleted from the Redis stream (its id kept in the record hash), emptied in
+memory (its id stays, with no data; readers skip it). Resuming after any id still works.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections import OrderedDict
@@ -36,6 +42,7 @@ TERMINAL = ("succeeded", "failed", "canceled")
 TRANSITIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "started": (("queued",), "running"),
     "progress": (ACTIVE, "running"),
+    "preview": (("running",), "running"),
     "succeeded": (ACTIVE, "succeeded"),
     "failed": (ACTIVE, "failed"),
     "canceled": (ACTIVE, "canceled"),
@@ -61,7 +68,7 @@ class JobRecord(BaseModel):
 @dataclass
 class JobEvent:
     id: str  # SSE id: resume after it with Last-Event-ID
-    event: str  # queued | started | progress | succeeded | failed | canceled
+    event: str  # queued | started | progress | preview | succeeded | failed | canceled
     data: dict
 
 
@@ -71,6 +78,8 @@ def _changes(event: str, data: dict, now: float) -> dict[str, Any]:
         return {"started_at": now}
     if event == "progress":
         return {"progress": {"step": int(data["step"]), "steps": int(data["steps"])}}
+    if event == "preview":
+        return {}  # only in the log
     fields: dict[str, Any] = {"finished_at": now}
     if "progress" in data:
         fields["progress"] = data["progress"]
@@ -79,6 +88,25 @@ def _changes(event: str, data: dict, now: float) -> dict[str, Any]:
     if "error" in data:
         fields["error"] = data["error"]
     return fields
+
+
+async def record_progress(
+    store: JobStore, jobs: list, step: int, steps: int, previews: dict | None = None
+) -> None:
+    """A running batch's report (service.batcher.JobSource.progress) as events of its
+    tracked jobs: ``started`` (step 0), else ``progress`` and, for a job with a new
+    service.progress.Preview, ``preview`` {step, steps, png (base64)}."""
+    for job in jobs:
+        if step == 0:
+            await store.transition(job.id, "started")
+            continue
+        await store.transition(job.id, "progress", {"step": step, "steps": steps})
+        p = (previews or {}).get(job.id)
+        if p is not None:
+            png = base64.b64encode(p.png).decode()
+            await store.transition(
+                job.id, "preview", {"step": p.step, "steps": p.steps, "png": png}
+            )
 
 
 class JobStore:
@@ -116,6 +144,7 @@ class _Entry:
         self.record = record
         self.events: list[JobEvent] = []
         self.changed = asyncio.Event()
+        self.preview_at: int | None = None  # index of the latest preview event
 
     def add(self, event: str, data: dict) -> None:
         self.events.append(JobEvent(str(len(self.events) + 1), event, data))
@@ -171,6 +200,11 @@ class MemoryJobStore(JobStore):
         )
         if status in TERMINAL:
             data = entry.record.model_dump()
+        if event == "preview":
+            if entry.preview_at is not None:  # superseded: the id stays, the PNG goes
+                old = entry.events[entry.preview_at]
+                entry.events[entry.preview_at] = JobEvent(old.id, old.event, {})
+            entry.preview_at = len(entry.events)
         entry.add(event, data)
         return True
 
@@ -218,6 +252,18 @@ if tonumber(ARGV[5]) > 0 then
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
 end
+return 1
+"""
+
+# A preview: added only while running; the one before it deleted (only the latest PNG is
+# kept). Its id lives in the record hash as a JSON string (every field there is JSON).
+# KEYS: record hash, event stream; ARGV: event data.
+PREVIEW = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local prev = redis.call('HGET', KEYS[1], 'preview_event')
+if prev then redis.call('XDEL', KEYS[2], string.sub(prev, 2, -2)) end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', 1000, '*', 'event', 'preview', 'data', ARGV[1])
+redis.call('HSET', KEYS[1], 'preview_event', '"' .. id .. '"')
 return 1
 """
 
@@ -274,6 +320,11 @@ class RedisJobStore(JobStore):
     async def transition(self, job_id: str, event: str, data: dict | None = None) -> bool:
         allowed, status = TRANSITIONS[event]
         data = data or {}
+        if event == "preview":
+            done = await self.redis.eval(
+                PREVIEW, 2, self.record_key(job_id), self.events_key(job_id), json.dumps(data)
+            )
+            return bool(done)
         terminal = status in TERMINAL
         pairs = []
         for k, v in _changes(event, data, time.time()).items():

@@ -28,6 +28,9 @@ class Job:
     priority: str = "interactive"
     # An async job (POST /jobs): its steps are reported to the job store as it runs.
     tracked: bool = False
+    # A tracked generate job that asked for previews: a small PNG of the sampling loop's x0
+    # estimate about every second (service/progress.py).
+    previews: bool = False
 
     @property
     def size(self) -> int:

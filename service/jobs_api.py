@@ -1,13 +1,17 @@
 """The async job routes: submit, look up, stream, cancel (service/async_jobs.py runs them).
 
-    POST   /jobs                 {"task", "input", "id"?, "priority"?} -> 202 + Location
+    POST   /jobs                 {"task", "input", "id"?, "priority"?, "previews"?} -> 202
     POST   /{task} + Prefer: respond-async                             -> the same 202
     GET    /jobs/{id}            the job (output when succeeded)
-    GET    /jobs/{id}/events     Server-Sent Events; Last-Event-ID resumes
+    GET    /jobs/{id}/events     Server-Sent Events; Last-Event-ID resumes; ?previews=1
     DELETE /jobs/{id}            cancel (also POST /jobs/{id}/cancel)
 
 Shapes follow Replicate's prediction object and Cog's ``Prefer: respond-async``; events are
 ComfyUI-like (``progress`` {step, steps}); ``queue_position`` as fal has it.
+
+Previews are asked for twice, on purpose: ``previews: true`` at submission makes the model
+thread render them (a decode about every second: a cost only those jobs pay), and
+``?previews=1`` on the stream sends them (a plain stream stays small, whatever the job).
 """
 
 from __future__ import annotations
@@ -99,6 +103,8 @@ def install_job_routes(app: FastAPI, svc) -> None:
         if not svc.started:
             raise ApiError(503, "not_ready", "service is starting", {"Retry-After": "1"})
         req = validate(JobRequest, await read_json(request))
+        if req.previews and req.task != "generate":
+            raise ApiError(422, "invalid_request", "previews are for generate jobs only")
         owner = owner_of(request, svc.settings)
         if req.id is not None:
             existing = await svc.jobs.get(req.id)
@@ -114,6 +120,7 @@ def install_job_routes(app: FastAPI, svc) -> None:
         prep = await prepare_json(svc, request, req.task, data, asynchronous=True)
         if req.id is not None:
             prep.job.id = req.id
+        prep.job.previews = req.previews
         record, _ = await svc.jobs.accept(prep, use_cache=not no_cache(request), owner=owner)
         return accepted_response(record)
 
@@ -129,16 +136,21 @@ def install_job_routes(app: FastAPI, svc) -> None:
         responses={
             200: {
                 "description": "text/event-stream: `queued`, `started`, `progress` "
-                "({step, steps}, at most every 250 ms), then one of `succeeded` | `failed` | "
-                "`canceled` carrying the final job, after which the stream ends. Each event "
-                "has an id; reconnect with `Last-Event-ID` to resume after it.",
+                "({step, steps}, at most every 250 ms), with `?previews=1` also `preview` "
+                "({step, steps, png: base64 PNG of the current estimate of the images, each "
+                "at most 128 px, side by side} about every second, for a generate job "
+                "submitted with `previews: true`; only the latest is kept for a resume), "
+                "then one of `succeeded` | `failed` | `canceled` carrying the final job, "
+                "after which the stream ends. Each event has an id; reconnect with "
+                "`Last-Event-ID` to resume after it.",
                 "content": {"text/event-stream": {}},
             },
             **NOT_FOUND,
         },
     )
-    async def job_events(job_id: str, request: Request):
-        """Server-Sent Events of the job, from its start (or after ``Last-Event-ID``)."""
+    async def job_events(job_id: str, request: Request, previews: bool = False):
+        """Server-Sent Events of the job, from its start (or after ``Last-Event-ID``).
+        ``previews=1``: include `preview` events (see ``previews`` of POST /jobs)."""
         await found(job_id, request)
         after = request.headers.get("last-event-id") or request.query_params.get("after")
         store = svc.jobs.store
@@ -149,6 +161,8 @@ def install_job_routes(app: FastAPI, svc) -> None:
                 events = await store.events(job_id, last, EVENT_POLL_S)
                 for ev in events:
                     last = ev.id
+                    if ev.event == "preview" and not (previews and ev.data):
+                        continue  # not asked for, or superseded by a later one
                     # internal fields (a record's deadline and owner) stay inside
                     data = {k: v for k, v in ev.data.items() if k not in ("deadline", "owner")}
                     if ev.event in TERMINAL:

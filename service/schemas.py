@@ -109,6 +109,12 @@ class JobRequest(Strict):
         description="your own id (idempotent: the same id again returns the same job)",
     )
     priority: Lane | None = Field(None, description="lane (default 'batch')")
+    previews: bool = Field(
+        False,
+        description="generate only: while it samples, render a small PNG of the current"
+        " estimate of the images about every second, streamed as `preview` events by"
+        " GET /jobs/{id}/events?previews=1 (off by default: it costs a decode each time)",
+    )
 
 
 # --- responses ------------------------------------------------------------------------------

@@ -137,6 +137,7 @@ def dump_job(job: Job) -> bytes:
             "attempts": job.attempts,
             "priority": job.priority,
             "tracked": job.tracked,
+            "previews": job.previews,
         }
     )
 
@@ -158,6 +159,7 @@ def load_job(blob: bytes) -> Job:
             # Absent in frames of an API of before lanes and async jobs.
             priority=str(d.get("priority", "interactive")),
             tracked=bool(d.get("tracked", False)),
+            previews=bool(d.get("previews", False)),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"bad job frame: {e}") from None

@@ -292,6 +292,12 @@ class Generate(GeneratorTask):
         decoder = registry.latent_decoder(gen.tokenizer)  # a SoftVQ tokenizer or an SD-VAE
         q = inputs.params
         lo, hi = q.get("guidance_interval", (0.0, 1.0))
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            return decoder.runner.decode(z.float() * decoder.vq_std + decoder.vq_mean).float()
+
+        if progress is not None:
+            progress.decode = decode  # previews of the x0 estimate (service/progress.py)
         z = sample_latents(
             gen.runner,
             inputs.labels,
@@ -307,7 +313,7 @@ class Generate(GeneratorTask):
         S = gen.image_size
         out = np.zeros((len(inputs.labels), S, S, 3), dtype=np.uint8)
         if z.shape[0]:  # rows of cancelled jobs left the loop: their images stay zero
-            images = decoder.runner.decode(z.float() * decoder.vq_std + decoder.vq_mean).float()
+            images = decode(z)
             rows = progress.kept_rows(inputs.jobs) if progress is not None else slice(None)
             out[rows] = tensor_to_uint8(images)
         return {"images": out}

@@ -34,14 +34,19 @@ def wait_until(check, timeout: float = 60, what: str = "condition"):
 
 
 def read_events(
-    base: str, job_id: str, last_event_id: str | None = None, stop_after: int | None = None
+    base: str,
+    job_id: str,
+    last_event_id: str | None = None,
+    stop_after: int | None = None,
+    previews: bool = False,
 ):
     """The SSE events of a job as dicts {id, event, data (parsed JSON)}, read until the
     stream ends (or ``stop_after`` events, then the connection is dropped); also returns
-    how many keep-alive comment lines were seen."""
+    how many keep-alive comment lines were seen. ``previews``: ask for ``preview`` events."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    url = f"{base}/jobs/{job_id}/events" + ("?previews=1" if previews else "")
     events, comments, current = [], 0, {}
-    with httpx.stream("GET", f"{base}/jobs/{job_id}/events", headers=headers, timeout=120) as r:
+    with httpx.stream("GET", url, headers=headers, timeout=120) as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():

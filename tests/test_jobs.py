@@ -109,6 +109,8 @@ def test_bad_job_requests_are_refused_before_anything_runs(server):
             {"task": "tokenize", "input": {"images": ["not base64!"]}},
             {"task": "generate", "input": {}, "id": "bad id with spaces"},
             {"task": "generate", "input": {}, "priority": "urgent"},
+            {"task": "tokenize", "input": {"images": [b64(png(3))]}, "previews": True},
+            {"task": "generate", "input": {}, "previews": "sometimes"},
         ]
         for body in bad:
             r = c.post("/jobs", json=body)
@@ -120,7 +122,67 @@ def test_bad_job_requests_are_refused_before_anything_runs(server):
             ).status_code
             == 400
         )
+        assert c.get("/jobs/no-such-job/events?previews=maybe").status_code == 422
         assert c.get("/healthz").status_code == 200
+
+
+def preview_images(event: dict, n: int, side: int) -> list[np.ndarray]:
+    """A preview event's PNG, checked to be ``n`` images of ``side`` px in make_grid's layout
+    (one image alone; else a row of up to 8, 2 px apart) -> the images."""
+    grid = decode_png(base64.b64decode(event["data"]["png"]))
+    if n == 1:
+        assert grid.shape == (side, side, 3), grid.shape
+        return [grid]
+    cols = min(n, 8)
+    rows = (n + cols - 1) // cols
+    assert grid.shape == (rows * (side + 2) + 2, cols * (side + 2) + 2, 3), grid.shape
+    return [
+        grid[2 + r * (side + 2) : 2 + r * (side + 2) + side, 2 + c * (side + 2) :][:, :side]
+        for r, c in (divmod(i, cols) for i in range(n))
+    ]
+
+
+def test_previews_stream_the_x0_estimate_when_asked_for(server, long_steps):
+    """A generate job submitted with previews: the stream with ?previews=1 carries preview
+    events (a PNG of the job's two images, at the model's size) as it samples; the stream
+    without carries none; once finished, only the latest preview is kept."""
+    settle(server)
+    steps = long_steps * 2  # several seconds of sampling: a preview about every second
+    body = {"class_labels": [1, 2], "seed": 7, "steps": steps}
+    r = httpx.post(f"{server}/jobs", json={"task": "generate", "input": body, "previews": True})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    live, _ = read_events(server, job_id, previews=True)  # read as it runs
+    kinds = [e["event"] for e in live]
+    assert kinds[-1] == "succeeded", kinds
+    previews = [e for e in live if e["event"] == "preview"]
+    assert previews, kinds
+    final = images_of(live[-1]["data"]["output"])
+    side = final.shape[1]
+    assert side <= 128  # the tiny model: previews at its own size
+    for p in previews:
+        assert 0 < p["data"]["step"] < steps and p["data"]["steps"] == steps
+        assert len(preview_images(p, 2, side)) == 2
+    seen = [p["data"]["step"] for p in previews]
+    assert seen == sorted(seen)
+    # each image in its place, near the final one (the tiny test decoder's images vary
+    # little, so this guards against misplaced rows or undone de-normalisation, not more:
+    # tests/test_sampling.py checks the estimate itself)
+    last = np.stack(preview_images(previews[-1], 2, side)).astype(int)
+    assert np.abs(last - final).mean() < 64
+    # without ?previews=1: the same log, no previews
+    plain, _ = read_events(server, job_id)
+    assert "preview" not in [e["event"] for e in plain]
+    assert [e["event"] for e in plain] == [k for k in kinds if k != "preview"]
+    # replayed later: one preview (the latest) is all the log keeps
+    again, _ = read_events(server, job_id, previews=True)
+    kept = [e for e in again if e["event"] == "preview"]
+    assert len(kept) == 1 and kept[0]["data"] == previews[-1]["data"]
+    # a job that did not ask for previews has none, even with ?previews=1
+    r = httpx.post(f"{server}/jobs", json={"task": "generate", "input": {**body, "seed": 8}})
+    events, _ = read_events(server, r.json()["id"], previews=True)
+    assert events[-1]["event"] == "succeeded"
+    assert "preview" not in [e["event"] for e in events]
 
 
 def test_client_id_makes_submit_idempotent(server):
@@ -420,6 +482,9 @@ def test_openapi_documents_the_job_endpoints(server):
     assert "post" in paths["/jobs/{job_id}/cancel"]
     events = paths["/jobs/{job_id}/events"]["get"]["responses"]["200"]
     assert "text/event-stream" in events["content"]
+    assert "`preview`" in events["description"] and "?previews=1" in events["description"]
+    params = paths["/jobs/{job_id}/events"]["get"]["parameters"]
+    assert "previews" in [p["name"] for p in params]
     assert "202" in paths["/jobs"]["post"]["responses"]
     for sync in ("/generate", "/tokenize", "/reconstruct", "/decode"):
         assert "202" in paths[sync]["post"]["responses"], sync  # Prefer: respond-async

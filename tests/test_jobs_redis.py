@@ -136,6 +136,34 @@ def test_any_replica_reads_and_streams_a_job_with_progress_from_the_worker(clust
     assert done["output"] == sync
 
 
+def test_previews_rendered_by_the_worker_are_streamed_by_the_other_replica(cluster, long_steps):
+    """A generate job submitted with previews on one replica: the worker renders the x0
+    estimate into Redis, the other replica streams it with ?previews=1 (and not without);
+    Redis keeps only the latest preview of the job."""
+    steps = long_steps * 3  # several seconds of sampling: a preview about every second
+    body = {"class_labels": [5], "seed": 12, "steps": steps}
+    r = httpx.post(
+        f"{cluster.base}/jobs", json={"task": "generate", "input": body, "previews": True}
+    )
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    live, _ = read_events(cluster.base2, job_id, previews=True)
+    kinds = [e["event"] for e in live]
+    assert kinds[-1] == "succeeded", kinds
+    previews = [e["data"] for e in live if e["event"] == "preview"]
+    assert previews, kinds
+    final = images_of(live[-1]["data"]["output"])[0]
+    for p in previews:
+        assert 0 < p["step"] < steps and p["steps"] == steps
+        img = decode_png(base64.b64decode(p["png"]))
+        assert img.shape == final.shape  # one image, at the tiny model's size (< 128 px)
+    plain, _ = read_events(cluster.base2, job_id)
+    assert "preview" not in [e["event"] for e in plain]
+    again, _ = read_events(cluster.base, job_id, previews=True)
+    kept = [e["data"] for e in again if e["event"] == "preview"]
+    assert kept == [previews[-1]]  # superseded previews were deleted from the stream
+
+
 def test_a_restarted_replica_still_answers_a_finished_job(cluster):
     r = httpx.post(
         f"{cluster.base}/tokenize",

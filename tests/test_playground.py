@@ -441,6 +441,33 @@ def test_cancel_stops_waiting_and_says_so(page, server):
 
 
 @needs_chromium
+def test_a_live_preview_of_the_images_shows_while_generating(page, server):
+    """The page asks for previews: while the job samples, an image of the current estimate
+    (the job's two images side by side, as the server renders them) appears beside the bar,
+    and is gone once the run ends."""
+    page.tick_classes([0, 1])
+    page.set("#gen-steps", MAX_STEPS)  # seconds of sampling: a preview about every second
+    page.el("#gen-run").click()
+    page.wait("!document.getElementById('gen-progress').hidden")
+    page.wait(
+        "!document.getElementById('gen-preview').hidden"
+        " && document.getElementById('gen-preview').naturalWidth > 0",
+        60,
+    )
+    size = page.js(
+        "const i = document.getElementById('gen-preview'); return [i.naturalWidth, i.naturalHeight]"
+    )
+    assert page.el("#gen-preview").is_displayed()
+    assert re.match(r"Estimate at step \d+ of 5000", page.el("#gen-preview").get_attribute("title"))
+    side = size[1] - 4  # make_grid: 2 px around and between
+    assert side > 0 and size[0] == 2 * (side + 2) + 2, size
+    page.el("#gen-cancel").click()
+    assert page.shown("gen-error", 10).startswith("Cancelled.")
+    assert page.el("#gen-preview").is_displayed() is False
+    httpx.post(f"{server}/generate", json={"steps": 1}, timeout=120).raise_for_status()
+
+
+@needs_chromium
 def test_a_504_is_shown_in_the_page(chrome, api_env, tmp_path_factory):
     steps = LONG_STEPS
     # A deadline far below what 2000 steps take on any machine (1 s was not: on a quiet CPU

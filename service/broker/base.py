@@ -20,10 +20,10 @@ class Broker(ABC):
     # call); the service decides what to do with the process (service/app.py).
     on_fatal: Callable[[str], None] | None = None
 
-    # Embedded mode: called with (tracked jobs, step, steps) as their batch runs (0, 0 when
-    # it starts), to update their records (service/async_jobs.py). Redis workers write to
-    # the job store themselves.
-    on_progress: Callable[[list[Job], int, int], Awaitable[None]] | None = None
+    # Embedded mode: called with (tracked jobs, step, steps, previews) as their batch runs
+    # (0, 0 when it starts; previews: job id -> service.progress.Preview, or None), to update
+    # their records (service/async_jobs.py). Redis workers write to the job store themselves.
+    on_progress: Callable[[list[Job], int, int, dict | None], Awaitable[None]] | None = None
 
     def alive(self) -> tuple[bool, str]:
         """(False, why) once the broker can never run another job: a liveness probe should

@@ -226,9 +226,9 @@ class InProcessBroker(Broker, JobSource):
             else:
                 fut.set_result(outcome)
 
-    async def progress(self, jobs: list[Job], step: int, steps: int) -> None:
+    async def progress(self, jobs: list[Job], step: int, steps: int, previews=None) -> None:
         if self.on_progress is not None:
-            await self.on_progress(jobs, step, steps)
+            await self.on_progress(jobs, step, steps, previews)
 
     async def retry(self, jobs: list[Job]) -> None:
         for job in jobs:

@@ -29,7 +29,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from .. import metrics
 from ..batcher import JobSource, Outcome
-from ..job_store import RedisJobStore
+from ..job_store import RedisJobStore, record_progress
 from ..jobs import Job, JobFailed
 from ..registry import ModelRegistry
 from ..serialization import dump_job, dump_outcome, load_job
@@ -256,13 +256,9 @@ class RedisSource(JobSource):
             # API, and the entries are gone with Redis's data (or will be redelivered).
             log.warning("could not deliver %d answers: %s", len(items), e)
 
-    async def progress(self, jobs: list[Job], step: int, steps: int) -> None:
+    async def progress(self, jobs: list[Job], step: int, steps: int, previews=None) -> None:
         """Straight into the jobs' records and event logs: any API replica streams them."""
-        for job in jobs:
-            if step == 0:
-                await self.jobs.transition(job.id, "started")
-            else:
-                await self.jobs.transition(job.id, "progress", {"step": step, "steps": steps})
+        await record_progress(self.jobs, jobs, step, steps, previews)
 
     async def retry(self, jobs: list[Job]) -> None:
         await self._requeue(jobs)

@@ -98,10 +98,12 @@ const JOB_ERROR_STATUS = {
 };
 
 // Follows a job's Server-Sent Events (GET /jobs/{id}/events) with fetch, so the API key goes
-// in a header as everywhere else: ``onProgress(step, steps)`` per progress event; resolves
-// with the job's output, or throws its error (an AbortError once it was cancelled).
-async function followJob(job, onProgress, signal) {
-  const response = await api(job.urls.events, { signal, accept: "text/event-stream" });
+// in a header as everywhere else: ``onProgress(step, steps)`` per progress event and, when
+// given, ``onPreview({step, steps, png})`` per preview event (?previews=1); resolves with the
+// job's output, or throws its error (an AbortError once it was cancelled).
+async function followJob(job, onProgress, signal, onPreview = null) {
+  const url = onPreview ? `${job.urls.events}?previews=1` : job.urls.events;
+  const response = await api(url, { signal, accept: "text/event-stream" });
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   let event = "message";
@@ -118,6 +120,7 @@ async function followJob(job, onProgress, signal) {
         if (data) {
           const body = JSON.parse(data);
           if (event === "progress") onProgress(body.step, body.steps);
+          if (event === "preview" && onPreview) onPreview(body);
           if (event === "succeeded") return body.output;
           if (event === "failed") {
             const { error, message } = body.error;
@@ -452,6 +455,10 @@ function setGenerating(on, text = "") {
   $("gen-progress-text").textContent = text;
   // Indeterminate until the first progress event of the job arrives.
   document.querySelector("#gen-progress progress").removeAttribute("value");
+  // No preview until the job's first one arrives.
+  const preview = $("gen-preview");
+  preview.hidden = true;
+  preview.removeAttribute("src");
   if (on && hadFocus === run) cancel.focus();
   if (!on && hadFocus === cancel) run.focus();
 }
@@ -475,7 +482,7 @@ $("gen-form").addEventListener("submit", async (ev) => {
   const controller = new AbortController();
   state.genAbort = controller;
   const t0 = performance.now();
-  // The request runs as a job (Prefer: respond-async); its event stream drives the bar: the
+  // The request runs as a job (POST /jobs); its event stream drives the bar: the
   // sampler's step of the steps, and the time spent.
   let done = "";
   const tick = () => {
@@ -489,20 +496,26 @@ $("gen-form").addEventListener("submit", async (ev) => {
     done = `step ${step} of ${steps}, `;
     tick();
   };
+  // The sampler's current estimate of the images, about every second (POST /jobs previews).
+  const onPreview = ({ step, steps, png }) => {
+    const img = $("gen-preview");
+    img.src = `data:image/png;base64,${png}`;
+    img.title = `Estimate at step ${step} of ${steps}`;
+    img.hidden = false;
+  };
   setGenerating(true);
   tick();
   const timer = setInterval(tick, 500);
   try {
     // interactive: someone is watching (async jobs default to the batch lane)
-    const accepted = await api("/generate", {
+    const accepted = await api("/jobs", {
       method: "POST",
-      json: { ...body, priority: "interactive" },
+      json: { task: "generate", input: body, priority: "interactive", previews: true },
       signal: controller.signal,
-      prefer: "respond-async",
     });
     const job = await accepted.json();
     state.genJob = job;
-    const data = await followJob(job, onProgress, controller.signal);
+    const data = await followJob(job, onProgress, controller.signal, onPreview);
     renderGrid(data, (performance.now() - t0) / 1000);
   } catch (e) {
     if (e.name === "AbortError") {
