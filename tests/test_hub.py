@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("huggingface_hub")
 
 from service.hub import parse_hub_path, resolve_hub_path  # noqa: E402
+from service.jobs import Job  # noqa: E402
 from service.registry import ModelRegistry, RegistryError  # noqa: E402
-from service.tasks import TASKS, GenerateInputs  # noqa: E402
+from service.tasks import TASKS  # noqa: E402
 from tests.tiny_models import save_tiny_pair  # noqa: E402
 
 SIT2D = Path(__file__).parent / "fixtures" / "official-tiny" / "sit2d"
@@ -85,9 +85,9 @@ def test_registry_serves_hub_models_offline(hub_cache, engine_settings_factory):
     )  # fmt: skip
     reg = ModelRegistry.from_settings(settings)
     assert reg.generators["sit-tiny"].path.is_relative_to(hub_cache)
-    out = TASKS["generate"].run(
-        reg, "sit-tiny", GenerateInputs([1], [0], torch.ones(1, dtype=torch.float64), {"steps": 2})
-    )
+    task = TASKS["generate"]
+    job = Job("sit-tiny", "generate", {"n": 1, "labels": [1], "seeds": [0]}, {"steps": 2})
+    out = task.run(reg, "sit-tiny", task.collate([job]))
     assert out["images"].shape == (1, 32, 32, 3)
 
     missing = engine_settings_factory(tokenizers={"tiny": "hf://SoftVQVAE/gone"}, generators={})
