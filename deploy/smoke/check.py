@@ -64,7 +64,10 @@ def run(argv: list[str], timeout: float = 120, check: bool = True) -> str:
 
 def http(url: str, body: dict | None = None, timeout: float = 90) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    # no-cache: every request must reach the workers (the API answers repeated tokenize
+    # requests from its result cache, and these checks are about the queue and the workers).
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-cache"}
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()
