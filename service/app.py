@@ -95,7 +95,13 @@ class Service:
 
             self._redis = connect(self.settings.redis_url, max_connections=256)
         self.cache = make_result_cache(self.settings, self._redis)
-        self.jobs = AsyncJobs(make_job_store(self.settings, self._redis), self.run, self.broker)
+        self.jobs = AsyncJobs(
+            make_job_store(self.settings, self._redis),
+            self.run,
+            self.broker,
+            lease_s=self.settings.job_runner_lease_s,
+        )
+        await self.jobs.start()
         # The embedded broker warms the models up in the background: /healthz answers at
         # once, /readyz says 503 until the warm-up is done (broker.ready()).
         await self.broker.start()

@@ -13,10 +13,13 @@ final, whatever a worker reports later) and the broker drops the job: unrun if q
 its next sampling step if running, the rest of its batch going on (service/progress.py).
 Any API replica can cancel any job: the mark travels through Redis.
 
-What is still weak: in Redis mode the task awaiting a job lives on the replica that
-accepted it; if that replica dies while the job runs, the record stays ``running`` until its
-deadline passes (then ``GET`` reports it failed with 504). A finished result is in Redis and
-survives any replica.
+In Redis mode the task awaiting a job lives on the replica that accepted it (the record's
+``runner``), which renews a lease in Redis every third of ``SOFTVQ_JOB_RUNNER_LEASE_S``. If
+that replica dies while the job is active, its lease lapses and any replica that reads the
+job (``GET``, the event stream) reports it failed with ``runner_lost`` at once, instead of
+leaving it ``running`` until its deadline. The worker may still finish it, but nobody is
+left to store the answer: the caller learns within a lease, and submits again. A finished
+result is in Redis and survives any replica.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -40,11 +44,28 @@ log = logging.getLogger("softvq.jobs")
 
 
 class AsyncJobs:
-    def __init__(self, store: JobStore, run: Callable, broker):
-        """``run(job, use_cache)``: the service's path to a result (cache, then broker)."""
+    def __init__(self, store: JobStore, run: Callable, broker, lease_s: float = 15.0):
+        """``run(job, use_cache)``: the service's path to a result (cache, then broker).
+        ``lease_s``: this replica's lease on the jobs it runs (see the module docstring)."""
         self.store, self._run, self.broker = store, run, broker
         self._tasks: dict[str, asyncio.Task] = {}
         broker.on_progress = self._progress
+        self.replica = uuid.uuid4().hex[:16]
+        self.lease_s = lease_s
+        self._lease: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Take this replica's lease before accepting any job, then keep renewing it."""
+        await self.store.renew_lease(self.replica, self.lease_s)
+        self._lease = asyncio.create_task(self._renew(), name="job-runner-lease")
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await self.store.renew_lease(self.replica, self.lease_s)
+            except Exception as e:  # noqa: BLE001 - Redis away: the next renewal tries again
+                log.warning("could not renew this replica's job lease: %s", e)
 
     async def accept(
         self, prep: Prepared, use_cache: bool = True, owner: str | None = None
@@ -61,6 +82,7 @@ class AsyncJobs:
             created_at=time.time(),
             deadline=job.deadline,
             owner=owner,
+            runner=self.replica,
         )
         record, created = await self.store.create(record)
         if created:
@@ -134,19 +156,35 @@ class AsyncJobs:
         return record
 
     async def get(self, job_id: str) -> JobRecord | None:
-        """The record; an active one past its deadline (its runner went away with an API
-        replica) is reported failed with 504."""
+        """The record. An active one is reported failed when nothing can finish it any more:
+        the replica running it died (its lease lapsed: ``runner_lost``), or its deadline
+        passed (504)."""
         record = await self.store.get(job_id)
-        if record is not None and record.status in ACTIVE and record.deadline:
-            if time.time() > record.deadline + 5.0:
-                err = JobTimeout("the job did not finish before its deadline")
-                await self.store.transition(
-                    job_id, "failed", {"error": {"error": err.code, "message": str(err)}}
-                )
-                record = await self.store.get(job_id)
+        if record is None or record.status not in ACTIVE:
+            return record
+        error = None
+        if record.deadline and time.time() > record.deadline + 5.0:
+            err = JobTimeout("the job did not finish before its deadline")
+            error = {"error": err.code, "message": str(err)}
+        elif (
+            record.runner
+            and record.runner != self.replica
+            and not await self.store.lease_alive(record.runner)
+        ):
+            error = {
+                "error": "runner_lost",
+                "message": "the API replica that ran this job stopped before it finished;"
+                " submit it again",
+            }
+        if error is not None:
+            await self.store.transition(job_id, "failed", {"error": error})
+            record = await self.store.get(job_id)
         return record
 
     async def stop(self) -> None:
-        """Wait for the jobs this process runs (the broker drains them first)."""
+        """Wait for the jobs this process runs (the broker drains them first), then give up
+        the lease."""
         if self._tasks:
             await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+        if self._lease is not None:
+            self._lease.cancel()

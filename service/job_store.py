@@ -63,6 +63,7 @@ class JobRecord(BaseModel):
     error: dict[str, str] | None = None  # {error, message}
     deadline: float = 0.0  # epoch seconds; the job fails with 504 past it
     owner: str | None = None  # hash of the API key that submitted it (None without keys)
+    runner: str | None = None  # the API replica whose task awaits its outcome (Redis mode)
 
 
 @dataclass
@@ -131,6 +132,13 @@ class JobStore:
     async def events(self, job_id: str, after: str | None, timeout: float) -> list[JobEvent]:
         """Events after the id ``after`` (None: all), waiting up to ``timeout`` s for one."""
         raise NotImplementedError
+
+    async def renew_lease(self, runner: str, ttl_s: float) -> None:
+        """Say that API replica ``runner`` is alive for ``ttl_s`` more seconds. In memory
+        the store dies with its only replica: nothing to say."""
+
+    async def lease_alive(self, runner: str) -> bool:
+        return True
 
     async def close(self) -> None:
         pass
@@ -267,7 +275,7 @@ redis.call('HSET', KEYS[1], 'preview_event', '"' .. id .. '"')
 return 1
 """
 
-META = ("id", "task", "model", "priority", "created_at", "deadline", "owner")
+META = ("id", "task", "model", "priority", "created_at", "deadline", "owner", "runner")
 
 
 def _s(x) -> str:
@@ -306,6 +314,15 @@ class RedisJobStore(JobStore):
             return record, True
         existing = await self.get(record.id)
         return (existing or record), False
+
+    def lease_key(self, runner: str) -> str:
+        return f"{self.prefix}:api-lease:{runner}"
+
+    async def renew_lease(self, runner: str, ttl_s: float) -> None:
+        await self.redis.set(self.lease_key(runner), b"1", px=max(1, int(ttl_s * 1000)))
+
+    async def lease_alive(self, runner: str) -> bool:
+        return bool(await self.redis.exists(self.lease_key(runner)))
 
     async def get(self, job_id: str) -> JobRecord | None:
         raw = await self.redis.hgetall(self.record_key(job_id))

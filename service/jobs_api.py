@@ -30,6 +30,8 @@ from .schemas import ErrorResponse, JobAccepted, JobRequest, JobResponse
 
 # How long one read of the event log waits before the loop looks again.
 EVENT_POLL_S = 1.0
+# Record fields a client never sees: its deadline, the API key hash, the replica running it.
+INTERNAL_FIELDS = ("deadline", "owner", "runner")
 
 NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown or expired job id"}}
 
@@ -67,7 +69,7 @@ def accepted_response(record: JobRecord) -> JSONResponse:
 
 def install_job_routes(app: FastAPI, svc) -> None:
     async def view(record: JobRecord) -> dict:
-        body = record.model_dump(exclude={"deadline", "owner"})
+        body = record.model_dump(exclude=set(INTERNAL_FIELDS))
         body["queue_position"] = (
             await svc.broker.queue_position(record.id) if record.status == "queued" else None
         )
@@ -156,7 +158,7 @@ def install_job_routes(app: FastAPI, svc) -> None:
         store = svc.jobs.store
 
         async def stream():
-            last = after
+            last, settled = after, False
             while True:
                 events = await store.events(job_id, last, EVENT_POLL_S)
                 for ev in events:
@@ -164,18 +166,22 @@ def install_job_routes(app: FastAPI, svc) -> None:
                     if ev.event == "preview" and not (previews and ev.data):
                         continue  # not asked for, or superseded by a later one
                     # internal fields (a record's deadline and owner) stay inside
-                    data = {k: v for k, v in ev.data.items() if k not in ("deadline", "owner")}
+                    data = {k: v for k, v in ev.data.items() if k not in INTERNAL_FIELDS}
                     if ev.event in TERMINAL:
                         data["urls"] = urls(job_id)
                     yield {"id": ev.id, "event": ev.event, "data": json.dumps(data)}
                     if ev.event in TERMINAL:
                         return
                 if not events:
-                    record = await store.get(job_id)
-                    # Expired meanwhile, or resumed after its terminal event (a state and
-                    # its event are written together: nothing more will come).
-                    if record is None or record.status in TERMINAL:
+                    # Through the jobs, not the store: a job nothing can finish any more
+                    # (its replica died, its deadline passed) fails now, and its terminal
+                    # event is read on the next turn.
+                    record = await svc.jobs.get(job_id)
+                    # Expired meanwhile, or past its terminal event (a state and its event
+                    # are written together: nothing more will come).
+                    if record is None or (settled and record.status in TERMINAL):
                         return
+                    settled = record.status in TERMINAL
 
         return EventSourceResponse(stream(), ping=svc.settings.sse_keepalive_s)
 

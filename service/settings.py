@@ -167,6 +167,15 @@ class Settings(BaseSettings):
         gt=0,
         description="deadline of an async job (from submission); past it the job fails with 504",
     )
+    job_runner_lease_s: float = Field(
+        15.0,
+        gt=0,
+        description=(
+            "Redis mode: each API replica renews a lease this long while it runs async jobs;"
+            " a job whose replica's lease lapsed (the process died) is reported failed"
+            " (`runner_lost`) by any other replica instead of waiting for its deadline"
+        ),
+    )
     sse_keepalive_s: float = Field(
         10.0, gt=0, description="a comment line this often keeps a quiet event stream open"
     )

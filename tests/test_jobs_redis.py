@@ -16,6 +16,7 @@ import base64
 import json
 import signal
 import subprocess
+import time
 
 import httpx
 import numpy as np
@@ -62,13 +63,14 @@ class JobsCluster(Cluster):
         self.wait_workers(1)
         return self
 
-    def start_api(self, name: str) -> str:
+    def start_api(self, name: str, **env: str) -> str:
         port = self.ports.setdefault(name, free_port())
         if name in self.logs:
             self.logs[name].close()
         self.spawn(
             name,
             ["serve", "--port", str(port), "--redis", self.redis.url, "--log-level", "warning"],
+            **env,
         )
         base = f"http://127.0.0.1:{port}"
         wait_http_ready(base, self.procs[name])
@@ -182,6 +184,31 @@ def test_a_restarted_replica_still_answers_a_finished_job(cluster):
     assert again["status"] == "succeeded" and again["output"] == done["output"]
     events, _ = read_events(base, job_id)
     assert [e["event"] for e in events] == ["queued", "started", "succeeded"]
+
+
+def test_a_replica_that_dies_mid_job_is_reported_by_the_others_within_its_lease(
+    cluster, long_steps
+):
+    """The replica awaiting a job is killed (SIGKILL: no shutdown) while the job runs: nobody
+    can store its answer any more, and the other replica says so (failed, `runner_lost`) once
+    the dead one's lease lapses, not at the job's deadline (an hour)."""
+    base3 = cluster.start_api("api3", SOFTVQ_JOB_RUNNER_LEASE_S="1")
+    body = {"class_labels": [2], "seed": 5, "steps": long_steps}
+    r = httpx.post(f"{base3}/jobs", json={"task": "generate", "input": body})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    wait_job(cluster.base2, job_id, until=("running",))
+    assert httpx.get(f"{cluster.base2}/jobs/{job_id}").json()["status"] == "running"
+    cluster.procs["api3"].kill()
+    cluster.procs["api3"].wait(10)
+    t0 = time.monotonic()
+    events, _ = read_events(cluster.base2, job_id)  # the stream ends with the verdict
+    assert events[-1]["event"] == "failed", [e["event"] for e in events]
+    assert events[-1]["data"]["error"]["error"] == "runner_lost"
+    assert time.monotonic() - t0 < 30
+    job = httpx.get(f"{cluster.base}/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["error"] == "runner_lost"
+    assert "runner" not in job and "owner" not in job and "deadline" not in job
 
 
 def test_cancel_through_another_replica_running_and_queued(cluster, long_steps):
