@@ -229,7 +229,13 @@ def test_cancel_through_another_replica_running_and_queued(cluster, long_steps):
         q = c.post(
             f"{cluster.base}/jobs", json={"task": "generate", "input": {"seed": 5, "steps": 9}}
         ).json()["id"]
-        assert c.get(f"{cluster.base}/jobs/{q}").json()["queue_position"] is not None
+        # Its position is known once the accepting replica has put it on its stream (the
+        # 202 answers before that: a GET at once may still say null).
+        wait_until(
+            lambda: c.get(f"{cluster.base}/jobs/{q}").json()["queue_position"] is not None,
+            10,
+            "q's queue position",
+        )
         assert c.delete(f"{cluster.base2}/jobs/{q}").json()["status"] == "canceled"
         assert c.delete(f"{cluster.base2}/jobs/{a}").json()["status"] == "canceled"
         done_b = wait_job(cluster.base2, b, timeout=300)
