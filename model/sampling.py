@@ -27,6 +27,56 @@ from functools import partial
 import torch
 
 SAMPLERS = ("euler", "heun", "euler-maruyama")
+
+# Sampling settings when nothing else names them (the service's /generate defaults). A
+# generator's config.json may name its own in a "sampling" block (``sampling_settings``).
+DEFAULT_SETTINGS = {
+    "steps": 50,
+    "sampler": "euler",
+    "cfg_scale": 1.0,
+    "guidance_interval": [0.0, 1.0],
+}
+
+
+def sampling_settings(raw) -> dict:
+    """A config.json "sampling" block (None or a dict naming any of DEFAULT_SETTINGS' keys),
+    checked, completed with DEFAULT_SETTINGS; ValueError when malformed."""
+    if raw is None:
+        return {
+            **DEFAULT_SETTINGS,
+            "guidance_interval": list(DEFAULT_SETTINGS["guidance_interval"]),
+        }
+    bad = ValueError(
+        '"sampling" must be an object with steps (int >= 1), sampler (one of'
+        f" {list(SAMPLERS)}), cfg_scale (>= 0) and guidance_interval ([lo, hi] in [0, 1]),"
+        f" each optional; got {raw!r}"
+    )
+    if not isinstance(raw, dict) or set(raw) - set(DEFAULT_SETTINGS):
+        raise bad
+    out = {**DEFAULT_SETTINGS, **raw}
+    steps, sampler, cfg, gi = (out[k] for k in DEFAULT_SETTINGS)
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if not (
+        isinstance(steps, int)
+        and not isinstance(steps, bool)
+        and steps >= 1
+        and sampler in SAMPLERS
+        and number(cfg)
+        and cfg >= 0
+        and isinstance(gi, (list, tuple))
+        and len(gi) == 2
+        and all(number(v) for v in gi)
+        and 0 <= gi[0] <= gi[1] <= 1
+    ):
+        raise bad
+    return {
+        "steps": steps,
+        "sampler": sampler,
+        "cfg_scale": float(cfg),
+        "guidance_interval": [float(v) for v in gi],
+    }
+
+
 PATHS = ("linear", "cosine")
 
 # on_step(step, steps, x, x0) -> None (go on) or indices of the rows of x to keep; x0() is

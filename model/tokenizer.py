@@ -43,6 +43,12 @@ class TokenizerConfig:
     tau: float = 0.07
     vq_mean: float = 0.0
     vq_std: float = 1.0
+    # The decoder's head from patch tokens to pixels: "linear" (the released models': one
+    # Linear C' -> p*p*3 per patch) or "conv" (the reference code's other option: a 1x1 conv to
+    # 128 channels, then log2(p) nearest x2 upsamplings with 3x3 convs halving the channels,
+    # the last one to RGB). A linear head maps a C'-wide token to p*p*3 values (rank C'), which
+    # at p = 8 and a narrow decoder drops detail; the conv head does not have that limit.
+    to_pixel: str = "linear"
     tiny_overrides: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
@@ -135,7 +141,7 @@ class SoftVQDecoder(nn.Module):
         self.model = VisionTransformer(cfg.image_size, cfg.dec_patch_size, dim, depth, heads)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.latent_pos_embed = nn.Parameter(torch.zeros(1, cfg.num_latent_tokens, dim))
-        self.to_pixel = ToPixel(dim, cfg.dec_patch_size)
+        self.to_pixel = make_to_pixel(cfg.to_pixel, dim, cfg.dec_patch_size)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, L, C') -> (B, 3, S, S)
         B = z.shape[0]
@@ -143,6 +149,14 @@ class SoftVQDecoder(nn.Module):
         x = self.model.add_cls_and_pos(self.mask_token.expand(B, N, -1))  # (B, 1+N, C')
         x = self.model.run_blocks(torch.cat([x, z + self.latent_pos_embed], dim=1))
         return self.to_pixel(x[:, 1 : 1 + N], self.model.grid)
+
+
+def make_to_pixel(kind: str, dim: int, patch_size: int) -> nn.Module:
+    if kind == "linear":
+        return ToPixel(dim, patch_size)
+    if kind == "conv":
+        return ConvToPixel(dim, patch_size)
+    raise ValueError(f"to_pixel must be 'linear' or 'conv', got {kind!r}")
 
 
 class ToPixel(nn.Module):
@@ -155,6 +169,31 @@ class ToPixel(nn.Module):
         p = self.patch_size
         x = self.model(x).reshape(x.shape[0], grid, grid, p, p, 3)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], 3, grid * p, grid * p)
+
+
+class ConvToPixel(nn.Module):
+    """Patch tokens as a (C', S/p, S/p) map -> 1x1 conv to 128 -> log2(p) x [nearest x2,
+    3x3 conv] with channels 128 -> 64 -> ... and the last conv to 3 (GELU between)."""
+
+    WIDTH = 128
+
+    def __init__(self, dim: int, patch_size: int):
+        super().__init__()
+        stages = patch_size.bit_length() - 1
+        if patch_size < 2 or 1 << stages != patch_size:
+            raise ValueError(f"the conv to_pixel head needs a power-of-two patch, got {patch_size}")
+        layers: list[nn.Module] = [nn.Conv2d(dim, self.WIDTH, 1)]
+        width = self.WIDTH
+        for i in range(stages):
+            out = 3 if i == stages - 1 else width // 2
+            layers += [nn.GELU(), nn.Upsample(scale_factor=2.0, mode="nearest")]
+            layers.append(nn.Conv2d(width, out, 3, padding=1))
+            width = out
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, grid: int) -> torch.Tensor:  # (B, N, C') -> (B, 3, S, S)
+        B, N, C = x.shape
+        return self.model(x.transpose(1, 2).reshape(B, C, grid, grid))
 
 
 class SoftVQTokenizer(nn.Module):

@@ -35,8 +35,6 @@ from .schemas import (
     TokenizeRequest,
 )
 
-DEFAULT_STEPS = 50
-
 
 @dataclass
 class Prepared:
@@ -225,15 +223,16 @@ def prepare_decode(svc, request: Request, body: DecodeRequest, asynchronous: boo
 def prepare_generate(svc, request: Request, body: GenerateRequest, asynchronous: bool) -> Prepared:
     gen = svc.generator(body.model, request)
     labels, seeds, params = generate_inputs(body, gen, svc)
+    cfg_scale = params.pop("cfg_scale")
     job = Job(
         gen.name,
         "generate",
-        {"labels": labels, "seeds": seeds, "cfg_scale": body.cfg_scale, "n": len(labels)},
+        {"labels": labels, "seeds": seeds, "cfg_scale": cfg_scale, "n": len(labels)},
         params=params,
         deadline=deadline(svc, body.timeout_s, asynchronous),
         priority=lane(svc, request, body, asynchronous),
     )
-    parameters = {**params, "cfg_scale": body.cfg_scale}
+    parameters = {**params, "cfg_scale": cfg_scale}
     names = [gen.class_names[y] for y in labels] if gen.class_names else None
 
     def as_json(result):
@@ -291,7 +290,8 @@ def class_id(label: int | str, gen) -> int:
 
 
 def generate_inputs(body: GenerateRequest, gen, svc):
-    """Validated (labels, seeds, params) of a /generate request; 422 on anything off."""
+    """Validated (labels, seeds, params) of a /generate request; 422 on anything off.
+    ``params`` holds every sampling setting, the request's or else the generator's default."""
     s = svc.settings
     if body.class_labels is not None:
         n = len(body.class_labels)
@@ -328,16 +328,22 @@ def generate_inputs(body: GenerateRequest, gen, svc):
         rng = np.random.default_rng(seeds[0])
         labels = rng.integers(0, gen.num_classes, size=n).tolist()
 
-    steps = body.steps if body.steps is not None else min(DEFAULT_STEPS, s.max_steps)
+    # Fields the request leaves out take the generator's defaults (config.json "sampling").
+    d = gen.sampling
+    steps = body.steps if body.steps is not None else min(d["steps"], s.max_steps)
     if not 1 <= steps <= s.max_steps:
         raise ApiError(422, "invalid_steps", f"steps={steps} outside [1, {s.max_steps}]")
-    if body.sampler not in models.SAMPLERS:
+    sampler = body.sampler if body.sampler is not None else d["sampler"]
+    if sampler not in models.SAMPLERS:
         raise ApiError(
             422,
             "unknown_sampler",
-            f"sampler {body.sampler!r}; choose one of {list(models.SAMPLERS)}",
+            f"sampler {sampler!r}; choose one of {list(models.SAMPLERS)}",
         )
-    lo, hi = body.guidance_interval
+    cfg_scale = body.cfg_scale if body.cfg_scale is not None else d["cfg_scale"]
+    lo, hi = (
+        body.guidance_interval if body.guidance_interval is not None else d["guidance_interval"]
+    )
     if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi <= 1):
         raise ApiError(
             422,
@@ -346,8 +352,9 @@ def generate_inputs(body: GenerateRequest, gen, svc):
         )
     params = {
         "steps": steps,
-        "sampler": body.sampler,
+        "sampler": sampler,
         "guidance_interval": [lo, hi],
         "path": "linear",
+        "cfg_scale": cfg_scale,
     }
     return labels, seeds, params

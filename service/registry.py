@@ -35,6 +35,7 @@ import torch
 
 from model.backends import BACKENDS, GeneratorRunner, TokenizerRunner, build_runner
 from model.loading import load_generator, load_tokenizer, read_config, read_generator_config
+from model.sampling import DEFAULT_SETTINGS, sampling_settings
 from model.sit import SiT
 from model.tokenizer import SoftVQTokenizer, TokenizerConfig
 
@@ -98,6 +99,14 @@ class VAEEntry:
         return 1.0 / self.scaling_factor
 
 
+def sampling_defaults(name: str, raw) -> dict:
+    """config.json's optional "sampling" block, checked and completed."""
+    try:
+        return sampling_settings(raw)
+    except ValueError as e:
+        raise RegistryError(f"generator {name!r}: {e}") from e
+
+
 # What GET /models says of a speed reference (the compare profile's random-weight models).
 SPEED_REFERENCE_NOTE = (
     "speed reference: random weights at the benchmark's sizes; its images are noise and say"
@@ -118,6 +127,10 @@ class GeneratorEntry:
     family: str = "softvq"  # "softvq": SiT on 1-D tokens | "latent-2d": SiT/p + SD-VAE
     speed_reference: bool = False  # config.json "speed_reference": random weights
     class_names: list[str] | None = None  # config.json "class_names": names of ids 0..N-1
+    # config.json "sampling": what /generate uses for fields a request leaves out (steps,
+    # sampler, cfg_scale, guidance_interval), for a model whose best settings differ from the
+    # service's; always complete here (the service's own defaults fill the gaps)
+    sampling: dict = dataclass_field(default_factory=lambda: dict(DEFAULT_SETTINGS))
     runner: GeneratorRunner | None = None  # callable like the generator: (x, t, y) -> v
     model: SiT | None = None
 
@@ -306,6 +319,7 @@ class ModelRegistry:
             path=path,
             tokenizer=tok_name,
             class_names=names,
+            sampling=sampling_defaults(name, raw.get("sampling")),
             num_classes=cfg.num_classes,
             num_tokens=num_tokens,
             token_dim=token_dim,
@@ -363,6 +377,7 @@ class ModelRegistry:
                     **self._common(g),
                     "num_classes": g.num_classes,
                     "class_names": g.class_names,
+                    "sampling_defaults": g.sampling,
                     "tokenizer": g.tokenizer,
                     "family": g.family,
                     "latent_shape": list(g.latent_shape),

@@ -79,16 +79,27 @@ class GenerateRequest(TimeoutField):
         None, ge=0, le=MAX_SEED, description="image i uses seed + i (default: random)"
     )
     seeds: list[int] | None = Field(None, min_length=1, max_length=MAX_LIST)
-    steps: int | None = Field(None, ge=1, description="sampling steps (default 50, capped)")
-    sampler: str = Field("euler", max_length=50, description="euler | heun | euler-maruyama")
-    cfg_scale: float = Field(
-        1.0,
+    # Left out: the generator's own defaults (GET /models' sampling_defaults; config.json
+    # "sampling"), else 50 steps, euler, no guidance, the whole interval.
+    steps: int | None = Field(
+        None, ge=1, description="sampling steps (default: the model's, else 50; capped)"
+    )
+    sampler: str | None = Field(
+        None,
+        max_length=50,
+        description="euler | heun | euler-maruyama (default: the model's, else euler)",
+    )
+    cfg_scale: float | None = Field(
+        None,
         ge=0,
         allow_inf_nan=False,
-        description="classifier-free guidance scale; 1.0 = no guidance (costs half as much)",
+        description="classifier-free guidance scale; 1.0 = no guidance (costs half as much);"
+        " default: the model's, else 1.0",
     )
-    guidance_interval: tuple[float, float] = Field(
-        (0.0, 1.0), description="[lo, hi] in [0, 1]: guidance applies for t in this range"
+    guidance_interval: tuple[float, float] | None = Field(
+        None,
+        description="[lo, hi] in [0, 1]: guidance applies for t in this range (default: the"
+        " model's, else [0, 1])",
     )
     model: str | None = Field(None, max_length=200, description="generator name")
 

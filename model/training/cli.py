@@ -135,9 +135,11 @@ def register(sub) -> None:
     p.add_argument("--weights-dir", default=None, help="default: the bundled demo_weights")
     p.add_argument("--psnr-images", type=int, default=500)
     p.add_argument("--per-class", type=int, default=20, help="generated images per class")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--sampler", default="heun")
-    p.add_argument("--cfg-scale", type=float, default=3.0)
+    # Left out: each generator's own defaults (config.json "sampling"), i.e. what /generate
+    # does for a request that names no settings.
+    p.add_argument("--steps", type=int, default=None, help="default: the model's")
+    p.add_argument("--sampler", default=None, help="default: the model's")
+    p.add_argument("--cfg-scale", type=float, default=None, help="default: the model's")
     p.add_argument("--grid", default=None, help="write a PNG grid (a row per class) here")
     p.add_argument("--json", default=None, help="write the numbers here")
     p.add_argument("--threads", type=int, default=None)
@@ -297,6 +299,21 @@ def _train_demo(args) -> int:
     return 0
 
 
+def settings_for(gen_dir: Path, args):
+    """The generator's sampling defaults (config.json "sampling", as /generate uses them),
+    with what the command line names instead."""
+    from ..sampling import sampling_settings
+    from .evaluate import GenerationSettings
+
+    d = sampling_settings(json.loads((gen_dir / "config.json").read_text()).get("sampling"))
+    return GenerationSettings(
+        steps=args.steps if args.steps is not None else d["steps"],
+        sampler=args.sampler if args.sampler is not None else d["sampler"],
+        cfg_scale=args.cfg_scale if args.cfg_scale is not None else d["cfg_scale"],
+        guidance_interval=tuple(d["guidance_interval"]),
+    )
+
+
 def _evaluate_demo(args) -> int:
     from .. import demo
     from ..loading import load_generator, load_tokenizer
@@ -311,11 +328,11 @@ def _evaluate_demo(args) -> int:
     set_threads(args.threads)
     root = Path(args.weights_dir) if args.weights_dir else demo.DEMO_WEIGHTS_DIR
     judge = load_judge(root / demo.JUDGE_CLASSIFIER)
-    settings = GenerationSettings(steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg_scale)
     results, grids = {}, []
     for gen_name, tok_name in demo.DEMO_GENERATORS.items():
         t0 = time.time()
         tok, gen = load_tokenizer(root / tok_name), load_generator(root / gen_name)
+        settings = settings_for(root / gen_name, args)
         r = evaluate_pair(tok, gen, judge, args.psnr_images, args.per_class, settings)
         grids.append(r.pop("_images"))
         r["seconds"] = round(time.time() - t0, 1)
@@ -329,7 +346,9 @@ def _evaluate_demo(args) -> int:
             f"(min {r['diversity_ratio_min']:.3f})"
         )
         if args.noised:
-            fast = GenerationSettings(steps=args.steps, sampler="euler", cfg_scale=args.cfg_scale)
+            fast = GenerationSettings(
+                steps=settings.steps, sampler="euler", cfg_scale=settings.cfg_scale
+            )
             acc = accuracy_from_noised_latents(tok, gen, judge, settings=fast)
             r["accuracy_from_noised_latents"] = acc
             print(

@@ -64,6 +64,8 @@ class TokenizerTrainConfig:
     num_codebooks: int = 4
     tau: float = 0.07  # soft-VQ temperature: higher = smoother (less code-like) latents
     patch_size: int = 8
+    dec_patch_size: int | None = None  # default: patch_size
+    to_pixel: str = "linear"  # the decoder's head: "linear" or "conv" (model/tokenizer.py)
     enc: dict[str, int] = field(
         default_factory=lambda: {"embed_dim": 128, "depth": 4, "num_heads": 4}
     )
@@ -106,7 +108,8 @@ class TokenizerTrainConfig:
         return TokenizerConfig(
             image_size=self.image_size,
             enc_patch_size=self.patch_size,
-            dec_patch_size=self.patch_size,
+            dec_patch_size=self.dec_patch_size or self.patch_size,
+            to_pixel=self.to_pixel,
             num_latent_tokens=self.num_tokens,
             codebook_embed_dim=self.token_dim,
             codebook_size=self.codebook_size,

@@ -322,6 +322,7 @@ function renderClasses() {
       ),
     ),
   );
+  applySamplingDefaults(gen);
   const tokens = gen.num_tokens ? `, ${gen.num_tokens} tokens` : "";
   $("gen-model-info").textContent =
     `${n} classes, ${gen.image_size} px${tokens}, tokenizer ${gen.tokenizer}.`;
@@ -329,6 +330,18 @@ function renderClasses() {
     (Array.isArray(gen.class_names) ? "" : "Ids: /models lists no class names. ") +
     "None ticked: classes drawn from the seed.";
   syncClassControls();
+}
+
+// The chosen generator's own settings (GET /models' sampling_defaults, from its config.json)
+// fill the sampling fields, so a first click draws what the model draws best.
+function applySamplingDefaults(gen) {
+  const d = gen.sampling_defaults;
+  if (!d) return;
+  $("gen-steps").value = String(d.steps);
+  $("gen-sampler").value = d.sampler;
+  $("gen-cfg").value = String(d.cfg_scale);
+  $("gen-gi-lo").value = String(d.guidance_interval[0]);
+  $("gen-gi-hi").value = String(d.guidance_interval[1]);
 }
 
 const checkedClasses = () =>
