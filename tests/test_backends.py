@@ -294,7 +294,9 @@ def test_default_backend_is_auto_and_resolves_by_measurement(
         labels.update(device="cpu", dtype="float32")
         assert REGISTRY.get_sample_value("softvq_model_info", {**labels, "backend": m["backend"]})
         if m["backend"] != "eager":
-            assert not REGISTRY.get_sample_value("softvq_model_info", {**labels, "backend": "eager"})
+            assert not REGISTRY.get_sample_value(
+                "softvq_model_info", {**labels, "backend": "eager"}
+            )
     decisions = json.loads((tmp_path / "auto_backend.json").read_text())
     assert len(decisions) == len(chosen)
     for d in decisions.values():

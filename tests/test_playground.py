@@ -486,6 +486,38 @@ def test_a_504_is_shown_in_the_page(chrome, api_env, tmp_path_factory):
 
 
 @needs_chromium
+def test_choosing_a_generator_fills_in_its_sampling_defaults(chrome, api_env, tmp_path_factory):
+    """A generator's config.json "sampling" (GET /models' sampling_defaults) fills the sampling
+    fields when it is chosen; one without the block gets the service's defaults."""
+    from model.training.recipe import set_sampling
+
+    root = tmp_path_factory.mktemp("sampling-models")
+    for name in ("tiny", "tiny16", "sit-tiny", "sit-tiny16"):
+        shutil.copytree(Path(api_env["SOFTVQ_MODEL_ROOT"]) / name, root / name)
+    own = {"steps": 7, "sampler": "heun", "cfg_scale": 2.5, "guidance_interval": [0.1, 0.9]}
+    set_sampling(root / "sit-tiny16", own)
+    env = tiny_env({**api_env, "SOFTVQ_MODEL_ROOT": str(root)})
+    with serve_process(env, tmp_path_factory.mktemp("serve-sampling")) as (base, _):
+        page = Page(chrome, base).open()
+        fields = "['gen-steps', 'gen-sampler', 'gen-cfg', 'gen-gi-lo', 'gen-gi-hi']"
+        values = f"return {fields}.map((id) => document.getElementById(id).value)"
+        page.choose("#gen-model", "sit-tiny16")
+        page.js("document.getElementById('gen-model').dispatchEvent(new Event('change'))")
+        assert page.js(values) == ["7", "heun", "2.5", "0.1", "0.9"]
+        page.choose("#gen-model", "sit-tiny")
+        page.js("document.getElementById('gen-model').dispatchEvent(new Event('change'))")
+        assert page.js(values) == ["50", "euler", "1", "0", "1"]
+        page.choose("#gen-model", "sit-tiny16")
+        page.js("document.getElementById('gen-model').dispatchEvent(new Event('change'))")
+        page.tick_classes([0])
+        page.el("#gen-run").click()
+        text = "document.getElementById('gen-summary').textContent"
+        summary = page.wait(f"{text}.includes(' steps, ') && {text}", 60)
+        assert "7 steps, heun, cfg 2.5, guidance in t [0.1, 0.9]" in summary, summary
+        assert page.script_errors() == []
+
+
+@needs_chromium
 def test_api_key_is_asked_for_and_sent(chrome, api_env, tmp_path_factory):
     env = tiny_env(
         api_env,

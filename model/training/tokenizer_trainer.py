@@ -79,6 +79,9 @@ class TokenizerTrainConfig:
     warmup: int = 200
     ema_decay: float = 0.999
     grad_weight: float = 0.5
+    # Decoder robustness: the decoder sees z_q + s * std(z_q) * noise, s ~ U(0, latent_noise)
+    # per image, so that images stay where a generator's slightly-off latents land (0: off).
+    latent_noise: float = 0.0
     entropy_weight: float = 0.002
     train_size: int = 200_000  # images of the built-in set to draw from (ignored for folders)
     seed: int = 0
@@ -180,7 +183,11 @@ def tokenizer_loss(
     drives the alignment and perceptual terms; the alignment head is ``tok.projection``."""
     z = tok.encode_pre_quant(images)
     z_q, _ = tok.quantize(z)
-    recon = tok.decoder(tok.post_quant_conv(z_q))
+    z_dec = z_q
+    if cfg.latent_noise:
+        s = torch.rand(z_q.shape[0], 1, 1) * cfg.latent_noise
+        z_dec = z_q + s * z_q.detach().std() * torch.randn_like(z_q)
+    recon = tok.decoder(tok.post_quant_conv(z_dec))
     l1 = F.l1_loss(recon, images)
     l2 = F.mse_loss(recon, images)
     total = l1 + l2
