@@ -125,3 +125,14 @@ def test_set_sampling_writes_and_removes_the_block(tmp_path):
     assert json.loads(path.read_text())["sampling"] == OWN
     set_sampling(tmp_path / "sit-t", None)
     assert "sampling" not in json.loads(path.read_text())
+
+
+def test_bundled_generators_carry_the_recipes_sampling_defaults():
+    from model import demo
+    from model.training import recipe
+
+    assert recipe.GENERATOR_SAMPLING
+    for name in demo.DEMO_GENERATORS:
+        cfg = json.loads((demo.demo_path(name) / "config.json").read_text())
+        assert cfg["sampling"] == recipe.GENERATOR_SAMPLING
+        sampling_settings(cfg["sampling"])  # well-formed
