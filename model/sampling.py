@@ -41,11 +41,7 @@ DEFAULT_SETTINGS = {
 def sampling_settings(raw) -> dict:
     """A config.json "sampling" block (None or a dict naming any of DEFAULT_SETTINGS' keys),
     checked, completed with DEFAULT_SETTINGS; ValueError when malformed."""
-    if raw is None:
-        return {
-            **DEFAULT_SETTINGS,
-            "guidance_interval": list(DEFAULT_SETTINGS["guidance_interval"]),
-        }
+    raw = {} if raw is None else raw
     bad = ValueError(
         '"sampling" must be an object with steps (int >= 1), sampler (one of'
         f" {list(SAMPLERS)}), cfg_scale (>= 0) and guidance_interval ([lo, hi] in [0, 1]),"

@@ -35,7 +35,7 @@ import torch
 
 from model.backends import BACKENDS, GeneratorRunner, TokenizerRunner, build_runner
 from model.loading import load_generator, load_tokenizer, read_config, read_generator_config
-from model.sampling import DEFAULT_SETTINGS, sampling_settings
+from model.sampling import sampling_settings
 from model.sit import SiT
 from model.tokenizer import SoftVQTokenizer, TokenizerConfig
 
@@ -130,7 +130,7 @@ class GeneratorEntry:
     # config.json "sampling": what /generate uses for fields a request leaves out (steps,
     # sampler, cfg_scale, guidance_interval), for a model whose best settings differ from the
     # service's; always complete here (the service's own defaults fill the gaps)
-    sampling: dict = dataclass_field(default_factory=lambda: dict(DEFAULT_SETTINGS))
+    sampling: dict = dataclass_field(default_factory=lambda: sampling_settings(None))
     runner: GeneratorRunner | None = None  # callable like the generator: (x, t, y) -> v
     model: SiT | None = None
 

@@ -13,6 +13,7 @@ from model.training.tokenizer_trainer import (
     build_for_training,
     tokenizer_loss,
 )
+from tests.test_training import tok_config
 
 VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2}
 
@@ -64,17 +65,7 @@ def test_latent_noise_changes_the_loss_and_is_off_by_default():
     images = torch.rand(4, 3, 32, 32) * 2 - 1
     losses = {}
     for noise in (0.0, 0.5):
-        cfg = TokenizerTrainConfig(
-            out="unused",
-            image_size=32,
-            num_tokens=8,
-            token_dim=4,
-            codebook_size=16,
-            patch_size=8,
-            enc=VIT,
-            dec=VIT,
-            latent_noise=noise,
-        )
+        cfg = tok_config("unused", latent_noise=noise)
         torch.manual_seed(0)
         tok, _ = build_for_training(cfg)
         torch.manual_seed(1)

@@ -302,10 +302,11 @@ def _train_demo(args) -> int:
 def settings_for(gen_dir: Path, args):
     """The generator's sampling defaults (config.json "sampling", as /generate uses them),
     with what the command line names instead."""
+    from ..loading import read_config
     from ..sampling import sampling_settings
     from .evaluate import GenerationSettings
 
-    d = sampling_settings(json.loads((gen_dir / "config.json").read_text()).get("sampling"))
+    d = sampling_settings(read_config(gen_dir).get("sampling"))
     return GenerationSettings(
         steps=args.steps if args.steps is not None else d["steps"],
         sampler=args.sampler if args.sampler is not None else d["sampler"],

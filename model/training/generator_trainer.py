@@ -62,9 +62,6 @@ class GeneratorTrainConfig:
     repa_weight: float = 0.0
     repa_block: int = 0  # hidden states after this many blocks; 0: depth // 2 (at least 1)
     repa_proj_dim: int = 256
-    # Written to config.json as "sampling": the service's /generate defaults for this model
-    # (steps, sampler, cfg_scale, guidance_interval; any subset). None: the service's own.
-    sampling: dict | None = None
 
     def checkpoint_path(self) -> Path:
         return Path(self.ckpt) if self.ckpt else Path(str(self.out).rstrip("/") + ".ckpt.pt")
@@ -232,8 +229,6 @@ def train_generator(cfg: GeneratorTrainConfig, quiet: bool = False, stop_after: 
         config_path = Path(cfg.out) / "config.json"
         config = json.loads(config_path.read_text())
         config["class_names"] = list(source.classes)
-        if cfg.sampling:
-            config["sampling"] = dict(cfg.sampling)
         config_path.write_text(json.dumps(config, indent=1) + "\n")
         meta = {
             "trained_with": dataclasses.asdict(cfg),

@@ -174,7 +174,6 @@ def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, threads: int
             train_size=GENERATOR_TRAIN_SIZE if scale >= 1 else 100,
             teacher=teacher,
             repa_weight=GENERATOR_REPA_WEIGHT,
-            sampling=GENERATOR_SAMPLING,
             ckpt=str(work / "ckpt" / f"{gen_name}.pt"),
             **GENERATOR,
         )
