@@ -38,7 +38,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer, free_port, free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -1260,7 +1260,7 @@ def compose_topology(tiny_env, tmp_path_factory):
     svc = compose()["services"]
     liveness_file = str(tmp_path_factory.mktemp("worker") / "softvq-worker.alive")
     with RedisServer() as server:
-        api_port, metrics_port = free_port(), free_port()
+        api_port, metrics_port = free_ports(2)
         api_argv = list(svc["api"]["command"])
         api_argv[api_argv.index("--host") + 1] = "127.0.0.1"
         api_argv[api_argv.index("--port") + 1] = str(api_port)

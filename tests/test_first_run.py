@@ -33,7 +33,7 @@ import torch
 
 from model import backends
 from service.batcher import EXIT_HUNG
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisServer, free_port, free_ports
 from tests.test_api import png
 from tests.test_serve_uvicorn import softvq_command
 from tests.tiny_models import make_tokenizer
@@ -166,7 +166,7 @@ def test_readme_first_command_serves_on_a_fresh_machine(tmp_path):
 def test_readme_redis_mode_serves_on_a_fresh_machine(tmp_path):
     """``softvq serve --redis URL`` + one ``softvq worker --redis URL``, newcomer's env."""
     env = newcomer_env(tmp_path / "home")
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port = free_ports(2)
     base = f"http://127.0.0.1:{port}"
     server = RedisServer().start()
     try:

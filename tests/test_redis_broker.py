@@ -21,7 +21,7 @@ from service.broker.redis_streams import ANSWER, Keys, RedisBroker
 from service.jobs import BrokerUnavailable, Job, JobFailed, JobTimeout, QueueFull
 from service.registry import ModelRegistry
 from service.serialization import dump_job, dump_outcome, dumps, load_job, load_outcome, loads
-from tests.redis_server import free_port
+from tests.redis_server import free_port, free_ports
 from tests.test_batcher import decode_job, gen_job, tok_job
 
 pytestmark = pytest.mark.redis
@@ -101,7 +101,7 @@ def batch_sums(text: str) -> tuple[float, float]:
 def test_mixed_concurrent_jobs_on_two_workers(
     redis_server, spawn_worker, engine_settings_factory, engine_registry
 ):
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     for i, port in enumerate(ports):
         spawn_worker(redis_server.url, f"w{i}", metrics_port=port, max_wait_ms=30)
     settings = engine_settings_factory(redis_url=redis_server.url)
