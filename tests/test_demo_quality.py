@@ -55,6 +55,43 @@ def test_demo_weights_are_bundled_and_small():
     assert demo.DEMO_GENERATORS[demo.DEFAULT_GENERATOR] == demo.DEFAULT_TOKENIZER
 
 
+def test_bundled_weights_were_trained_by_the_recipe():
+    """``softvq train-demo`` reproduces the bundle only if the recipe still says what the
+    bundled models were trained with (their training.json)."""
+    import json
+
+    from model.training import recipe
+
+    def trained_with(name):
+        return json.loads((demo.demo_path(name) / "training.json").read_text())["trained_with"]
+
+    for name, (tokens, dim, steps, codebook) in recipe.TOKENIZERS.items():
+        t = trained_with(name)
+        assert (t["num_tokens"], t["token_dim"], t["steps"], t["codebook_size"]) == (
+            tokens,
+            dim,
+            steps,
+            codebook,
+        ), name
+        assert (t["image_size"], t["patch_size"], t["batch_size"], t["lr"]) == (
+            recipe.IMAGE_SIZE,
+            recipe.TOKENIZER_PATCH,
+            recipe.TOKENIZER_BATCH,
+            recipe.TOKENIZER_LR,
+        ), name
+        assert t["enc"] == t["dec"] == recipe.TOKENIZER_VIT, name
+    for name in demo.DEMO_GENERATORS:
+        g = trained_with(name)
+        shape = {k: g[k] for k in recipe.GENERATOR}
+        assert shape == recipe.GENERATOR, name
+        assert (g["steps"], g["batch_size"], g["lr"], g["train_size"]) == (
+            recipe.GENERATOR_STEPS[name],
+            recipe.GENERATOR_BATCH,
+            recipe.GENERATOR_LR,
+            recipe.GENERATOR_TRAIN_SIZE,
+        ), name
+
+
 @pytest.mark.parametrize("name", demo.DEMO_TOKENIZERS)
 def test_reconstruction_psnr_on_held_out_images(name):
     tok = model.load_tokenizer(demo.demo_path(name))

@@ -247,7 +247,7 @@ def test_cli_train_teacher_and_flags(tmp_path, capsys):
 def test_train_demo_trains_the_teacher_first_when_the_recipe_uses_it(tmp_path, monkeypatch):
     from model.training import recipe
 
-    monkeypatch.setattr(recipe, "TOKENIZERS", {"softvq-demo-64": (8, 8, 4)})
+    monkeypatch.setattr(recipe, "TOKENIZERS", {"softvq-demo-64": (8, 8, 4, 16)})
     monkeypatch.setattr(recipe, "TEACHER", {"arch": "cnn", "width": 8})
     monkeypatch.setattr(recipe, "TOKENIZER_VIT", dict(TINY_VIT))
     monkeypatch.setattr(recipe, "GENERATOR", {"hidden_size": 32, "depth": 2, "num_heads": 2})

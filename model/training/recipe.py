@@ -35,9 +35,12 @@ from .tokenizer_trainer import TokenizerTrainConfig, train_tokenizer
 IMAGE_SIZE = 32
 JUDGE_STEPS = 800
 TOKENIZERS = {
-    # name: (tokens L, token width D, steps)
-    "softvq-demo-32": (32, 32, 8000),
-    "softvq-demo-64": (64, 16, 8000),
+    # name: (tokens L, token width D, steps, codewords per codebook)
+    # 4096 codewords for 32 tokens learned faster early but, at 1.8x the cost per step, a
+    # 4000-step run ended where the 8000-step 256-codeword one did (teacher 50.6 % both;
+    # docs/DEMO_MODELS.md, fourth pass), so the smaller codebook stays.
+    "softvq-demo-32": (32, 32, 8000, 256),
+    "softvq-demo-64": (64, 16, 8000, 256),
 }
 TOKENIZER_VIT = {"embed_dim": 96, "depth": 2, "num_heads": 4}
 TOKENIZER_PATCH = 4
@@ -45,10 +48,13 @@ TOKENIZER_POS_INIT = "sincos"
 TOKENIZER_BATCH = 32
 TOKENIZER_LR = 3e-3
 GENERATOR = {"hidden_size": 128, "depth": 3, "num_heads": 4}
-GENERATOR_STEPS = 5000
+# Steps per generator: a teacher-judged learning curve of sit-demo-64 (docs/DEMO_MODELS.md,
+# fourth pass) was still rising at 3000 steps of constant learning rate; sit-demo-32 gets
+# fewer only because its tokenizer, trained first, leaves it less of the session.
+GENERATOR_STEPS = {"sit-demo-64": 10000, "sit-demo-32": 6000}
 GENERATOR_BATCH = 32
 GENERATOR_LR = 1e-3
-GENERATOR_TRAIN_SIZE = 8000
+GENERATOR_TRAIN_SIZE = 20000
 # /generate's defaults for the bundled generators (config.json "sampling"); None: the
 # service's own (50 Euler steps, no guidance). Chosen with the teacher, never the judge: on
 # 200 samples of sit-demo-64 the teacher named 17.5 % (Euler 50, cfg 1), 32.5 % (Euler 50,
@@ -136,7 +142,7 @@ def run_teacher(work: Path, scale: float, quiet: bool, threads: int) -> Path | N
 def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, threads: int) -> dict:
     """Tokenizer, then the generator on its latents."""
     torch.set_num_threads(threads)
-    L, D, tok_steps = TOKENIZERS[tok_name]
+    L, D, tok_steps, codebook = TOKENIZERS[tok_name]
     tok_dir = work / tok_name
     teacher = str(work / TEACHER_DIR) if uses_teacher() else None
     if not _done(tok_dir):
@@ -145,6 +151,7 @@ def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, threads: int
             image_size=IMAGE_SIZE,
             num_tokens=L,
             token_dim=D,
+            codebook_size=codebook,
             enc=dict(TOKENIZER_VIT),
             dec=dict(TOKENIZER_VIT),
             steps=_steps(tok_steps, scale),
@@ -167,7 +174,7 @@ def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, threads: int
         cfg = GeneratorTrainConfig(
             out=str(gen_dir),
             tokenizer=str(tok_dir),
-            steps=_steps(GENERATOR_STEPS, scale),
+            steps=_steps(GENERATOR_STEPS[gen_name], scale),
             batch_size=GENERATOR_BATCH,
             lr=GENERATOR_LR,
             ema_decay=EMA_DECAY,
