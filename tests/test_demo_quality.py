@@ -31,7 +31,7 @@ SETTINGS = GenerationSettings(steps=12)
 
 # The bundled weights reach the PSNR bars (30.1 / 25.1 dB on 500 held-out images) but not
 # yet the recognisability ones: the judge names 76 % / 38 % of their reconstructions and
-# about a quarter of generated images (docs/DEMO_MODELS.md). The checks stay real and strict:
+# 22.5 % / 7.5 % of generated images (docs/DEMO_MODELS.md). The checks stay real and strict:
 # once retrained weights pass, these tests XPASS and fail, and the mark must go.
 BELOW_BAR = pytest.mark.xfail(
     strict=True, reason="bundled generators are below issue #14's quality bars (#14 open)"

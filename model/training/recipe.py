@@ -23,7 +23,7 @@ from .generator_trainer import GeneratorTrainConfig, train_generator
 from .teacher import TeacherTrainConfig, train_teacher
 from .tokenizer_trainer import TokenizerTrainConfig, train_tokenizer
 
-# Sizes chosen so the whole recipe fits an hour on two CPU cores (two tokenizer chains run
+# Sizes chosen so the whole recipe fits about 90 minutes on two CPU cores (two tokenizer chains run
 # side by side, one thread each). Pilot runs behind these choices are in docs/DEMO_MODELS.md:
 # patch 4 (an 8x8 patch is 192 pixel values out of a 96-wide token: a rank bottleneck) and
 # sin-cos position init (random init leaves the tokenizer at the mean-colour plateau).
@@ -49,8 +49,8 @@ TOKENIZER_BATCH = 32
 TOKENIZER_LR = 3e-3
 GENERATOR = {"hidden_size": 128, "depth": 3, "num_heads": 4}
 # Steps per generator: a teacher-judged learning curve of sit-demo-64 (docs/DEMO_MODELS.md,
-# fourth pass) was still rising at 3000 steps of constant learning rate; sit-demo-32 gets
-# fewer only because its tokenizer, trained first, leaves it less of the session.
+# fourth pass) was still rising at 3000 steps of constant learning rate (10 000 steps: teacher
+# 31.5 -> 37.5 %); sit-demo-32 got 6000 when the session ran short (a tie with 5000).
 GENERATOR_STEPS = {"sit-demo-64": 10000, "sit-demo-32": 6000}
 GENERATOR_BATCH = 32
 GENERATOR_LR = 1e-3
