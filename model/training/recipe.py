@@ -139,52 +139,61 @@ def run_teacher(work: Path, scale: float, quiet: bool, threads: int) -> Path | N
     return out
 
 
+def tokenizer_config(work: Path, tok_name: str, scale: float = 1.0) -> TokenizerTrainConfig:
+    """What the recipe trains ``tok_name`` with, in ``work``."""
+    L, D, tok_steps, codebook = TOKENIZERS[tok_name]
+    return TokenizerTrainConfig(
+        out=str(work / tok_name),
+        image_size=IMAGE_SIZE,
+        num_tokens=L,
+        token_dim=D,
+        codebook_size=codebook,
+        enc=dict(TOKENIZER_VIT),
+        dec=dict(TOKENIZER_VIT),
+        steps=_steps(tok_steps, scale),
+        batch_size=TOKENIZER_BATCH,
+        lr=TOKENIZER_LR,
+        patch_size=TOKENIZER_PATCH,
+        pos_init=TOKENIZER_POS_INIT,
+        ema_decay=EMA_DECAY,
+        stats_images=2000 if scale >= 1 else 50,
+        teacher=str(work / TEACHER_DIR) if uses_teacher() else None,
+        align_weight=TOKENIZER_ALIGN_WEIGHT,
+        perceptual_weight=TOKENIZER_PERCEPTUAL_WEIGHT,
+        init_from_teacher=TOKENIZER_INIT_FROM_TEACHER,
+        ckpt=str(work / "ckpt" / f"{tok_name}.pt"),
+    )
+
+
+def generator_config(work: Path, gen_name: str, scale: float = 1.0) -> GeneratorTrainConfig:
+    """What the recipe trains ``gen_name`` with, in ``work`` (on its tokenizer there)."""
+    return GeneratorTrainConfig(
+        out=str(work / gen_name),
+        tokenizer=str(work / demo.DEMO_GENERATORS[gen_name]),
+        steps=_steps(GENERATOR_STEPS[gen_name], scale),
+        batch_size=GENERATOR_BATCH,
+        lr=GENERATOR_LR,
+        ema_decay=EMA_DECAY,
+        train_size=GENERATOR_TRAIN_SIZE if scale >= 1 else 100,
+        teacher=str(work / TEACHER_DIR) if uses_teacher() else None,
+        repa_weight=GENERATOR_REPA_WEIGHT,
+        ckpt=str(work / "ckpt" / f"{gen_name}.pt"),
+        **GENERATOR,
+    )
+
+
 def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, threads: int) -> dict:
     """Tokenizer, then the generator on its latents."""
     torch.set_num_threads(threads)
-    L, D, tok_steps, codebook = TOKENIZERS[tok_name]
     tok_dir = work / tok_name
-    teacher = str(work / TEACHER_DIR) if uses_teacher() else None
     if not _done(tok_dir):
-        cfg = TokenizerTrainConfig(
-            out=str(tok_dir),
-            image_size=IMAGE_SIZE,
-            num_tokens=L,
-            token_dim=D,
-            codebook_size=codebook,
-            enc=dict(TOKENIZER_VIT),
-            dec=dict(TOKENIZER_VIT),
-            steps=_steps(tok_steps, scale),
-            batch_size=TOKENIZER_BATCH,
-            lr=TOKENIZER_LR,
-            patch_size=TOKENIZER_PATCH,
-            pos_init=TOKENIZER_POS_INIT,
-            ema_decay=EMA_DECAY,
-            stats_images=2000 if scale >= 1 else 50,
-            teacher=teacher,
-            align_weight=TOKENIZER_ALIGN_WEIGHT,
-            perceptual_weight=TOKENIZER_PERCEPTUAL_WEIGHT,
-            init_from_teacher=TOKENIZER_INIT_FROM_TEACHER,
-            ckpt=str(work / "ckpt" / f"{tok_name}.pt"),
-        )
-        _timed(work, tok_name, lambda: train_tokenizer(cfg, quiet=quiet))
+        tok_cfg = tokenizer_config(work, tok_name, scale)
+        _timed(work, tok_name, lambda: train_tokenizer(tok_cfg, quiet=quiet))
     gen_name = next(g for g, t in demo.DEMO_GENERATORS.items() if t == tok_name)
     gen_dir = work / gen_name
     if not _done(gen_dir):
-        cfg = GeneratorTrainConfig(
-            out=str(gen_dir),
-            tokenizer=str(tok_dir),
-            steps=_steps(GENERATOR_STEPS[gen_name], scale),
-            batch_size=GENERATOR_BATCH,
-            lr=GENERATOR_LR,
-            ema_decay=EMA_DECAY,
-            train_size=GENERATOR_TRAIN_SIZE if scale >= 1 else 100,
-            teacher=teacher,
-            repa_weight=GENERATOR_REPA_WEIGHT,
-            ckpt=str(work / "ckpt" / f"{gen_name}.pt"),
-            **GENERATOR,
-        )
-        _timed(work, gen_name, lambda: train_generator(cfg, quiet=quiet))
+        gen_cfg = generator_config(work, gen_name, scale)
+        _timed(work, gen_name, lambda: train_generator(gen_cfg, quiet=quiet))
     set_sampling(gen_dir, GENERATOR_SAMPLING)
     return {tok_name: tok_dir, gen_name: gen_dir}
 
