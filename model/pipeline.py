@@ -54,7 +54,9 @@ def sample_latents(
     on_step=None,
 ) -> torch.Tensor:
     """Normalised latents (B, L, D) (2-D models: (B, C, H, W)) in float32, each drawn from
-    its own seed.
+    its own seed. A generator with a class prior (``gen.prior``, model.class_prior) samples
+    whitened coordinates; they are mapped to normalised latents here, the one place the
+    service and ``generate`` share.
 
     ``on_step(step, steps, x, x0)``: progress, row dropping and the x0 estimate, see
     ``model.sampling``.
@@ -71,7 +73,10 @@ def sample_latents(
         cfg_scale = torch.as_tensor(cfg_scale, dtype=torch.float64)
     cfg = cfg_scale if isinstance(cfg_scale, (int, float)) else cfg_scale.to(device)
     run = sample_graphed if cuda_graphs else sample
-    return run(
+    prior = getattr(gen, "prior", None)
+    if prior is not None and on_step is not None:
+        on_step = _through_prior(on_step, prior, labels)
+    z = run(
         gen,
         noise,
         labels.to(device),
@@ -83,6 +88,29 @@ def sample_latents(
         generators=generators,
         on_step=on_step,
     )
+    if prior is None:
+        return z
+    rows = getattr(on_step, "rows", slice(None))  # the rows on_step kept, if it dropped any
+    return prior.to_latents(z, labels[rows]).to(z.device)
+
+
+def _through_prior(on_step, prior, labels: torch.Tensor):
+    """on_step seeing x0 estimates as normalised latents, for a generator that samples the
+    whitened coordinates of a class prior. Follows the rows the callback drops, so each row
+    keeps its own class's map; ``wrapped.rows`` holds the surviving rows."""
+    rows = torch.arange(labels.shape[0])
+
+    def wrapped(step, steps, x, x0=None):
+        nonlocal rows
+        est = None if x0 is None else (lambda: prior.to_latents(x0(), labels[rows]))
+        keep = on_step(step, steps, x, est)
+        if keep is not None:
+            rows = rows[torch.as_tensor(keep, dtype=torch.long)]
+        wrapped.rows = rows
+        return keep
+
+    wrapped.rows = rows
+    return wrapped
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .class_prior import ClassPrior
 from .vit import Attention, Mlp
 
 # Published sizes: name -> (depth, hidden, heads).
@@ -53,6 +54,9 @@ class GeneratorConfig:
     learn_sigma: bool = False
     # "noise_at_1" (SoftVQ's SiT, the samplers' own) or "noise_at_0" (the SiT authors').
     time_convention: str = "noise_at_1"
+    # > 0: a Gaussian per class under the flow (model.class_prior) of this rank; the model
+    # samples whitened coordinates that ``prior.to_latents`` maps to normalised latents.
+    prior_rank: int = 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GeneratorConfig:
@@ -247,7 +251,10 @@ class SiTBackbone(nn.Module):
 
 
 class SiT(SiTBackbone):
-    """SiT over 1-D tokens: x (B, L, D), t (B,), y (B,) -> velocity (B, L, D)."""
+    """SiT over 1-D tokens: x (B, L, D), t (B,), y (B,) -> velocity (B, L, D).
+
+    With ``prior_rank`` > 0, x lives in the whitened coordinates of ``prior`` (a Gaussian per
+    class, model.class_prior); ``model.pipeline.sample_latents`` maps samples back."""
 
     def __init__(self, cfg: GeneratorConfig):
         if cfg.patch_size != 1:
@@ -256,6 +263,11 @@ class SiT(SiTBackbone):
         self.x_embedder = nn.Linear(cfg.in_channels, cfg.hidden_size)
         pe = sincos_1d(cfg.hidden_size, torch.arange(cfg.input_size))
         self.pos_embed.copy_(pe[None].float())
+        self.prior = (
+            ClassPrior(cfg.num_classes, cfg.input_size, cfg.in_channels, cfg.prior_rank)
+            if cfg.prior_rank
+            else None
+        )
 
     @property
     def num_tokens(self) -> int:

@@ -288,6 +288,37 @@ def test_generator_samples_land_at_their_class_mean(tmp_path, trained_tiny_token
             assert float(dist[torch.arange(40), asked].mean()) < 0.1
 
 
+def test_generator_with_a_class_prior_trains_on_whitened_latents(tmp_path, trained_tiny_tokenizer):
+    """class_prior_rank: the trainer fits the prior to its latent cache, trains on whitened
+    coordinates, ships the prior in the generator; sampling maps back to each class."""
+    g = torch.Generator().manual_seed(0)
+    num_classes, L, D = 10, 8, 8
+    means = torch.randn(num_classes, L, D, generator=g)
+    labels = torch.arange(500) % num_classes
+    latents = means[labels] + 0.05 * torch.randn(500, L, D, generator=g)
+    cfg = gen_config(
+        tmp_path / "gen",
+        trained_tiny_tokenizer,
+        hidden_size=32,
+        depth=1,
+        steps=50,
+        warmup=5,
+        train_size=500,
+        ckpt_every=1000,
+        class_prior_rank=4,
+    )
+    cfg.latents_path().parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents, "labels": labels}, str(cfg.latents_path()))
+    train_generator(cfg, quiet=True)
+    gen = model.load_generator(tmp_path / "gen")
+    assert gen.config.prior_rank == 4
+    assert torch.allclose(gen.prior.mean, means, atol=0.05)  # 50 latents a class, noise 0.05
+    asked = torch.arange(40) % num_classes
+    z = sample_latents(gen, asked, list(range(40)), cfg_scale=3.0)
+    dist = ((z[:, None] - means[None]) ** 2).mean((2, 3))
+    assert torch.equal(dist.argmin(1), asked)
+
+
 def test_training_time_distributions():
     torch.manual_seed(0)
     uniform, lognormal = sample_time(20_000, "uniform"), sample_time(20_000, "lognormal")

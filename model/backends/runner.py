@@ -120,6 +120,8 @@ class GeneratorRunner(Runner):
         self.num_classes = gen.num_classes
         self.num_tokens = gen.num_tokens
         self.token_dim = getattr(gen, "token_dim", None)
+        # Whitened sampling space -> normalised latents (model.class_prior); None: identity.
+        self.prior = getattr(gen, "prior", None)
 
     @property
     def dtype(self) -> torch.dtype:

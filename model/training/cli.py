@@ -106,6 +106,12 @@ def register(sub) -> None:
         help="REPA: align a block's hidden states to the teacher's features (0: off)",
     )
     p.add_argument("--repa-block", type=int, default=0, help="after which block (0: depth // 2)")
+    p.add_argument(
+        "--class-prior-rank",
+        type=int,
+        default=0,
+        help="sample from a Gaussian per class of this rank instead of N(0, I) (0: off)",
+    )
     p.set_defaults(func=_train_generator)
 
     p = sub.add_parser("train-demo", help="retrain every bundled demo model from scratch")
@@ -271,6 +277,7 @@ def _train_generator(args) -> int:
         teacher=args.teacher,
         repa_weight=args.repa_weight,
         repa_block=args.repa_block,
+        class_prior_rank=args.class_prior_rank,
         seed=args.seed,
         ckpt=args.ckpt,
         ckpt_every=args.ckpt_every,

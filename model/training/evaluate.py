@@ -101,7 +101,9 @@ def accuracy_from_noised_latents(
     settings = settings or GenerationSettings()
     data = ProceduralShapes(count, seed=seed, image_size=tok.image_size)
     images, labels = data.batch(range(count))
-    z0 = ((tok.encode(images) - tok.vq_mean) / tok.vq_std).double()
+    z0 = (tok.encode(images) - tok.vq_mean) / tok.vq_std
+    prior = getattr(gen, "prior", None)  # the generator's own coordinates (model.class_prior)
+    z0 = (z0 if prior is None else prior.from_latents(z0, labels)).double()
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed), dtype=z0.dtype)
     out = {}
     for t0 in noise_levels:
@@ -117,7 +119,8 @@ def accuracy_from_noised_latents(
                 settings.guidance_interval,
                 t_start=t0,
             )
-        decoded = tok.decode(x.float() * tok.vq_std + tok.vq_mean).clamp(-1, 1)
+        z = x.float() if prior is None else prior.to_latents(x, labels)
+        decoded = tok.decode(z * tok.vq_std + tok.vq_mean).clamp(-1, 1)
         out[float(t0)] = float((judge.predict(decoded) == labels).float().mean())
     return out
 

@@ -62,6 +62,10 @@ class GeneratorTrainConfig:
     repa_weight: float = 0.0
     repa_block: int = 0  # hidden states after this many blocks; 0: depth // 2 (at least 1)
     repa_proj_dim: int = 256
+    # > 0: fit a Gaussian per class (model.class_prior, this rank) to the cached latents and
+    # train on their whitened coordinates; the prior ships inside the generator.
+    class_prior_rank: int = 0
+    class_prior_shrink: float = 0.1
 
     def checkpoint_path(self) -> Path:
         return Path(self.ckpt) if self.ckpt else Path(str(self.out).rstrip("/") + ".ckpt.pt")
@@ -180,9 +184,13 @@ def train_generator(cfg: GeneratorTrainConfig, quiet: bool = False, stop_after: 
         num_classes=source.num_classes,
         class_dropout_prob=cfg.class_dropout,
         tokenizer=Path(cfg.tokenizer).name,
+        prior_rank=cfg.class_prior_rank,
     )
     gen = SiT(gcfg)
     gen.initialize_weights()
+    if gen.prior is not None:
+        gen.prior.fit(latents, labels, cfg.class_prior_shrink)
+        latents = gen.prior.from_latents(latents, labels)
     if targets is not None:
         repa_block_index(cfg, cfg.depth)
         gen.projection = projector(cfg.hidden_size, cfg.repa_proj_dim, targets.shape[-1])

@@ -80,6 +80,11 @@ TOKENIZER_ALIGN_WEIGHT = 0.0  # latent tokens -> teacher patch features (SoftVQ'
 TOKENIZER_PERCEPTUAL_WEIGHT = 0.0  # teacher feature-map distance, reconstruction vs image
 TOKENIZER_INIT_FROM_TEACHER = False  # encoder starts from a vit teacher (needs arch "vit")
 GENERATOR_REPA_WEIGHT = 0.0  # SiT hidden states -> teacher features (REPA)
+# A Gaussian per class under the flow (model/class_prior.py; 0: off). At the full 10 000-step
+# budget the SiT on whitened latents (rank 64) ended below the plain one (teacher 31.5 vs
+# 37.5 %, judge 17.5 vs 22.5 %) and no better than the prior's own samples (docs/DEMO_MODELS.md,
+# fifth pass), so it is off.
+GENERATOR_PRIOR_RANK = 0
 
 
 def uses_teacher() -> bool:
@@ -177,6 +182,7 @@ def generator_config(work: Path, gen_name: str, scale: float = 1.0) -> Generator
         train_size=GENERATOR_TRAIN_SIZE if scale >= 1 else 100,
         teacher=str(work / TEACHER_DIR) if uses_teacher() else None,
         repa_weight=GENERATOR_REPA_WEIGHT,
+        class_prior_rank=GENERATOR_PRIOR_RANK,
         ckpt=str(work / "ckpt" / f"{gen_name}.pt"),
         **GENERATOR,
     )
