@@ -37,6 +37,15 @@ class ClassPrior(nn.Module):
         self.register_buffer("sqrt_eig", torch.ones(num_classes, rank))
         self.register_buffer("sqrt_rest", torch.ones(num_classes))
 
+    def _apply(self, fn, recurse: bool = True):
+        # The buffers follow the model's device but stay float32 when it moves to bf16 / fp16:
+        # a half-precision basis would make the map and its inverse disagree by ~1e-2.
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return t.to(out.device) if out.dtype != t.dtype else out
+
+        return super()._apply(keep_float32, recurse)
+
     def _parts(self, y: torch.Tensor):
         y = y.to(self.mean.device, torch.long)
         f = lambda b: b[y].float()  # noqa: E731 - the map runs in float32 at any model dtype

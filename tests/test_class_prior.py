@@ -143,3 +143,12 @@ def test_backend_runners_sample_through_the_prior(tmp_path, backend):
     assert torch.allclose(got, want, atol=1e-4)
     noise, _ = seeded_noise(seeds, (L, D))
     assert not torch.allclose(want, gen.prior.to_latents(noise, torch.tensor(labels)), atol=1e-2)
+
+
+def test_prior_stays_float32_when_the_model_moves_to_bfloat16(tmp_path):
+    gen = prior_generator(tmp_path)
+    want = sample_latents(gen, [0, 2], [1, 2], steps=2)
+    gen = gen.to(torch.bfloat16)
+    assert gen.dtype == torch.bfloat16 and gen.prior.basis.dtype == torch.float32
+    got = sample_latents(gen, [0, 2], [1, 2], steps=2)
+    assert torch.allclose(got, want, atol=1e-5)  # zero velocity: only the map counts
