@@ -98,18 +98,16 @@ def _through_prior(on_step, prior, labels: torch.Tensor):
     """on_step seeing x0 estimates as normalised latents, for a generator that samples the
     whitened coordinates of a class prior. Follows the rows the callback drops, so each row
     keeps its own class's map; ``wrapped.rows`` holds the surviving rows."""
-    rows = torch.arange(labels.shape[0])
 
     def wrapped(step, steps, x, x0=None):
-        nonlocal rows
+        rows = wrapped.rows
         est = None if x0 is None else (lambda: prior.to_latents(x0(), labels[rows]))
         keep = on_step(step, steps, x, est)
         if keep is not None:
-            rows = rows[torch.as_tensor(keep, dtype=torch.long)]
-        wrapped.rows = rows
+            wrapped.rows = rows[torch.as_tensor(keep, dtype=torch.long)]
         return keep
 
-    wrapped.rows = rows
+    wrapped.rows = torch.arange(labels.shape[0])
     return wrapped
 
 

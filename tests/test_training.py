@@ -252,17 +252,26 @@ def test_sincos_position_init_is_the_2d_table(tmp_path):
     assert len(history) == 6
 
 
+def train_on_class_means(cfg, num_classes: int, L: int = 8, D: int = 8) -> torch.Tensor:
+    """Write the trainer's latent cache with a toy whose answer is known (500 latents, each a
+    class mean + noise 0.05), train on it; return the means (classes, L, D)."""
+    g = torch.Generator().manual_seed(0)
+    means = torch.randn(num_classes, L, D, generator=g)
+    labels = torch.arange(500) % num_classes
+    latents = means[labels] + 0.05 * torch.randn(500, L, D, generator=g)
+    cfg.latents_path().parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents, "labels": labels}, str(cfg.latents_path()))
+    train_generator(cfg, quiet=True)
+    return means
+
+
 def test_generator_samples_land_at_their_class_mean(tmp_path, trained_tiny_tokenizer):
     """End to end on a toy whose answer is known: latents = a class mean + small noise, the
     project's trainer (lognormal t, label dropout, EMA release), then the service's sampling
     path with /generate's defaults (Euler, 50 steps, no guidance) and with guidance. A wrong
     time convention, velocity sign, label / null-class mix-up or a non-EMA release would
     leave the samples at noise or at the wrong class."""
-    g = torch.Generator().manual_seed(0)
-    num_classes, L, D = 10, 8, 8
-    means = torch.randn(num_classes, L, D, generator=g)
-    labels = torch.arange(500) % num_classes
-    latents = means[labels] + 0.05 * torch.randn(500, L, D, generator=g)
+    num_classes = 10
     cfg = gen_config(
         tmp_path / "gen",
         trained_tiny_tokenizer,
@@ -274,9 +283,7 @@ def test_generator_samples_land_at_their_class_mean(tmp_path, trained_tiny_token
         train_size=500,
         ckpt_every=1000,
     )
-    cfg.latents_path().parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents, "labels": labels}, str(cfg.latents_path()))
-    train_generator(cfg, quiet=True)
+    means = train_on_class_means(cfg, num_classes)
     gen = model.load_generator(tmp_path / "gen")
     asked = torch.arange(40) % num_classes
     for cfg_scale in (1.0, 3.0):
@@ -291,11 +298,7 @@ def test_generator_samples_land_at_their_class_mean(tmp_path, trained_tiny_token
 def test_generator_with_a_class_prior_trains_on_whitened_latents(tmp_path, trained_tiny_tokenizer):
     """class_prior_rank: the trainer fits the prior to its latent cache, trains on whitened
     coordinates, ships the prior in the generator; sampling maps back to each class."""
-    g = torch.Generator().manual_seed(0)
-    num_classes, L, D = 10, 8, 8
-    means = torch.randn(num_classes, L, D, generator=g)
-    labels = torch.arange(500) % num_classes
-    latents = means[labels] + 0.05 * torch.randn(500, L, D, generator=g)
+    num_classes = 10
     cfg = gen_config(
         tmp_path / "gen",
         trained_tiny_tokenizer,
@@ -307,9 +310,7 @@ def test_generator_with_a_class_prior_trains_on_whitened_latents(tmp_path, train
         ckpt_every=1000,
         class_prior_rank=4,
     )
-    cfg.latents_path().parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents, "labels": labels}, str(cfg.latents_path()))
-    train_generator(cfg, quiet=True)
+    means = train_on_class_means(cfg, num_classes)
     gen = model.load_generator(tmp_path / "gen")
     assert gen.config.prior_rank == 4
     assert torch.allclose(gen.prior.mean, means, atol=0.05)  # 50 latents a class, noise 0.05
