@@ -55,10 +55,14 @@ _P = (
 )
 
 
+# A shape's size r (its radius, in image sides) is drawn uniformly from this range.
+RADIUS_RANGE = (0.14, 0.32)
+
+
 def draw_params(seed: int, index: int, label: int) -> np.ndarray:
     """One image's random parameters (len(_P),) from the stream (seed, index)."""
     rng = np.random.default_rng([seed, index])
-    r = rng.uniform(0.14, 0.32)
+    r = rng.uniform(*RADIUS_RANGE)
     cx, cy = rng.uniform(r * 0.8, 1 - r * 0.8, size=2)
     if label in (6,):  # star: any rotation
         theta = rng.uniform(0, 2 * math.pi)
