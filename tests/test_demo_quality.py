@@ -65,7 +65,12 @@ def test_bundled_weights_were_trained_by_the_recipe():
     from pathlib import Path
 
     from model.training import recipe
+    from model.training.data import data_set_meta
 
+    # the version of the built-in set they saw (its shape sizes changed between passes)
+    for name in [*demo.DEMO_TOKENIZERS, *demo.DEMO_GENERATORS, demo.JUDGE_CLASSIFIER]:
+        meta = json.loads((demo.demo_path(name) / "training.json").read_text())
+        assert meta["data_set"] == data_set_meta("shapes"), name
     paths = {"out", "tokenizer", "ckpt", "teacher"}
     for name in [*demo.DEMO_TOKENIZERS, *demo.DEMO_GENERATORS]:
         build = recipe.tokenizer_config if name in recipe.TOKENIZERS else recipe.generator_config

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import model
 from model.pipeline import sample_latents
 from model.training.classifier import load_judge, train_judge
-from model.training.data import ProceduralShapes
+from model.training.data import RADIUS_RANGE, ProceduralShapes
 from model.training.generator_trainer import GeneratorTrainConfig, sample_time, train_generator
 from model.training.tokenizer_trainer import (
     TokenizerTrainConfig,
@@ -153,6 +153,8 @@ def test_judge_trains_and_round_trips(tmp_path):
     acc = train_judge(tmp_path / "judge", steps=3, batch_size=8, image_size=32, quiet=True)
     assert 0.0 <= acc <= 1.0
     judge = load_judge(tmp_path / "judge")
+    meta = json.loads((tmp_path / "judge" / "training.json").read_text())
+    assert meta["data_set"] == {"name": "shapes", "radius_range": list(RADIUS_RANGE)}
     images, _ = ProceduralShapes(6, image_size=32).batch(range(6))
     assert judge.predict(images).shape == (6,)
 
@@ -215,8 +217,10 @@ def test_cli_trains_on_a_folder_of_class_folders(tmp_path):
     )
     gen = model.load_generator(gen_dir)
     assert gen.num_classes == 3
-    meta = json.loads((tok_dir / "training.json").read_text())
-    assert meta["classes"] == ["blue", "green", "red"]
+    for trained in (tok_dir, gen_dir):
+        meta = json.loads((trained / "training.json").read_text())
+        assert meta["classes"] == ["blue", "green", "red"]
+        assert meta["data_set"] == {"name": "folder", "path": str(data.resolve())}
 
 
 def test_cli_rejects_missing_data_folder(tmp_path, capsys):

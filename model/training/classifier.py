@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import ProceduralShapes, batches
+from .data import ProceduralShapes, batches, data_set_meta
 from .loop import lr_at, progress, set_lr
 
 
@@ -127,7 +127,13 @@ def train_judge(
     images, labels = held_out.batch(range(1000))
     acc = float((judge.predict(images) == labels).float().mean())
     save_judge(judge, out)
-    meta = {"held_out_accuracy": acc, "steps": steps, "batch_size": batch_size, "seed": seed}
+    meta = {
+        "held_out_accuracy": acc,
+        "steps": steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "data_set": data_set_meta("shapes"),
+    }
     (Path(out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
     if not quiet:
         print(f"judge: held-out accuracy {acc:.4f}")

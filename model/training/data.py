@@ -261,6 +261,15 @@ class DataSource:
         return len(self.classes)
 
 
+def data_set_meta(data: str) -> dict:
+    """What a trained model's training.json records about its data. The built-in set's
+    parameters changed between recipe passes (``RADIUS_RANGE``), so a bundled model has to
+    say which version it saw, for the recipe check of tests/test_demo_quality.py."""
+    if data == "shapes":
+        return {"name": "shapes", "radius_range": list(RADIUS_RANGE)}
+    return {"name": "folder", "path": str(Path(data).resolve())}
+
+
 def open_source(data: str, image_size: int, size: int = 50_000, seed: int = 0) -> DataSource:
     """``data`` is "shapes" (the built-in set; ``size`` images from ``seed``) or a folder."""
     if data == "shapes":

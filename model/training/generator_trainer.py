@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from ..loading import load_tokenizer, save_generator
 from ..sit import GeneratorConfig, SiT
 from ..tokenizer import SoftVQTokenizer
-from .data import open_source
+from .data import data_set_meta, open_source
 from .ema import EMA
 from .loop import load_checkpoint, lr_at, make_optimizer, progress, save_checkpoint, set_lr
 from .teacher import alignment_loss, load_teacher, pool_to, projector
@@ -241,6 +241,7 @@ def train_generator(cfg: GeneratorTrainConfig, quiet: bool = False, stop_after: 
         meta = {
             "trained_with": dataclasses.asdict(cfg),
             "classes": list(source.classes),
+            "data_set": data_set_meta(cfg.data),
             "last_session_seconds": round(time.time() - t0, 1),
         }
         (Path(cfg.out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")

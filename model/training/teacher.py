@@ -31,7 +31,7 @@ from torch import nn
 
 from ..sit import sincos_2d
 from ..vit import VisionTransformer
-from .data import batches, open_source
+from .data import batches, data_set_meta, open_source
 from .ema import EMA
 from .loop import load_checkpoint, lr_at, make_optimizer, progress, save_checkpoint, set_lr
 
@@ -342,7 +342,11 @@ def train_teacher(cfg: TeacherTrainConfig, quiet: bool = False, stop_after: int 
     bar.close()
     if step >= cfg.steps:
         acc = held_out_accuracy(ema.model, cfg.data, cfg.image_size)
-        meta = {"trained_with": dataclasses.asdict(cfg), "held_out_accuracy": acc}
+        meta = {
+            "trained_with": dataclasses.asdict(cfg),
+            "data_set": data_set_meta(cfg.data),
+            "held_out_accuracy": acc,
+        }
         save_teacher(ema.model, cfg.out, meta)
         if not quiet:
             print(f"saved {cfg.out} (held-out accuracy {acc:.3f})")

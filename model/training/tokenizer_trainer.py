@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..loading import save_tokenizer
 from ..sit import sincos_2d
 from ..tokenizer import SoftVQTokenizer, TokenizerConfig
-from .data import batches, open_source
+from .data import batches, data_set_meta, open_source
 from .ema import EMA
 from .loop import (
     load_checkpoint,
@@ -303,6 +303,7 @@ def finish(cfg: TokenizerTrainConfig, tok: SoftVQTokenizer, source, seconds: flo
     meta = {
         "trained_with": dataclasses.asdict(cfg),
         "classes": list(source.classes),
+        "data_set": data_set_meta(cfg.data),
         "last_session_seconds": round(seconds, 1),
     }
     (Path(cfg.out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
