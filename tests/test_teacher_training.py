@@ -252,13 +252,14 @@ def test_train_demo_trains_the_teacher_first_when_the_recipe_uses_it(tmp_path, m
     monkeypatch.setattr(recipe, "TOKENIZER_VIT", dict(TINY_VIT))
     monkeypatch.setattr(recipe, "GENERATOR", {"hidden_size": 32, "depth": 2, "num_heads": 2})
     monkeypatch.setattr(recipe, "TOKENIZER_PERCEPTUAL_WEIGHT", 1.0)
-    monkeypatch.setattr(recipe, "TOKENIZER_ALIGN_WEIGHT", 0.1)
-    monkeypatch.setattr(recipe, "GENERATOR_REPA_WEIGHT", 0.5)
+    monkeypatch.setattr(recipe, "TOKENIZER_ALIGN_WEIGHT", {"softvq-demo-64": 0.1})
+    monkeypatch.setattr(recipe, "GENERATOR_REPA_WEIGHT", {"sit-demo-64": 0.5})
     finished = recipe.train_demo(tmp_path, scale=0.001, quiet=True, parallel=False)
     assert set(finished) == {"judge-classifier", "softvq-demo-64", "sit-demo-64"}
     assert (tmp_path / "teacher" / "model.safetensors").is_file()  # trained, not bundled
     used = json.loads((tmp_path / "softvq-demo-64" / "training.json").read_text())
     assert used["trained_with"]["teacher"] == str(tmp_path / "teacher")
+    assert used["trained_with"]["align_weight"] == 0.1
     gen_meta = json.loads((tmp_path / "sit-demo-64" / "training.json").read_text())
     assert gen_meta["trained_with"]["repa_weight"] == 0.5
     model.load_generator(tmp_path / "sit-demo-64")
