@@ -73,10 +73,11 @@ EMA_DECAY = 0.998
 # the generator's samples from 44.5 % to 54 % named (judge 23.5 -> 36.5 %) for 1.5 dB of PSNR
 # (32.2 -> 30.7 dB; judged reconstructions 95.8 -> 94.0 %); generator REPA 0.5 alone changed
 # nothing (45.5 %; judge 22.5 %) but on top of the aligned tokenizer added 3.6 points
-# (500 samples: 60.6 vs 57.0 %; judge 45.0 vs 42.6 %), so both are on. Short pilots (1500 steps, "Pilots with the teacher") had
-# shown no effect: alignment pays only once the tokenizer is trained. The 32-token chain has
-# not been run with alignment at full budget yet, so it stays off there. The perceptual term
-# cost PSNR and judged reconstructions in those pilots (-1.5 dB with alignment 0.1), so off.
+# (500 samples: 60.6 vs 57.0 %; judge 45.0 vs 42.6 %), so both are on. Short pilots (1500
+# steps, "Pilots with the teacher") had shown no effect: alignment pays only once the
+# tokenizer is trained. The 32-token chain has not been run with alignment at full budget
+# yet, so it stays off there. The perceptual term cost PSNR and judged reconstructions in
+# those pilots (-1.5 dB with alignment 0.1), so it is off.
 TEACHER_DIR = "teacher"
 TEACHER = {"arch": "cnn", "width": 16}
 TEACHER_STEPS = 800
