@@ -75,18 +75,19 @@ EMA_DECAY = 0.998
 # nothing (45.5 %; judge 22.5 %) but on top of the aligned tokenizer added 3.6 points
 # (500 samples: 60.6 vs 57.0 %; judge 45.0 vs 42.6 %), so both are on. Short pilots (1500
 # steps, "Pilots with the teacher") had shown no effect: alignment pays only once the
-# tokenizer is trained. The 32-token chain has not been run with alignment at full budget
-# yet, so it stays off there. The perceptual term cost PSNR and judged reconstructions in
-# those pilots (-1.5 dB with alignment 0.1), so it is off.
+# tokenizer is trained. The 32-token chain with both on (no separate arms run there): PSNR
+# 25.6 -> 27.5 dB, judged reconstructions 56.4 -> 72.2 %, generated 18.5 -> 36.0 % (teacher
+# 26.5 -> 46 %). The perceptual term cost PSNR and judged reconstructions in the short
+# pilots (-1.5 dB with alignment 0.1), so it is off.
 TEACHER_DIR = "teacher"
 TEACHER = {"arch": "cnn", "width": 16}
 TEACHER_STEPS = 800
 # latent tokens -> teacher patch features (SoftVQ's repa), per tokenizer
-TOKENIZER_ALIGN_WEIGHT = {"softvq-demo-32": 0.0, "softvq-demo-64": 0.5}
+TOKENIZER_ALIGN_WEIGHT = {"softvq-demo-32": 0.5, "softvq-demo-64": 0.5}
 TOKENIZER_PERCEPTUAL_WEIGHT = 0.0  # teacher feature-map distance, reconstruction vs image
 TOKENIZER_INIT_FROM_TEACHER = False  # encoder starts from a vit teacher (needs arch "vit")
 # SiT hidden states -> teacher features (REPA), per generator
-GENERATOR_REPA_WEIGHT = {"sit-demo-32": 0.0, "sit-demo-64": 0.5}
+GENERATOR_REPA_WEIGHT = {"sit-demo-32": 0.5, "sit-demo-64": 0.5}
 # A Gaussian per class under the flow (model/class_prior.py; 0: off). At the full 10 000-step
 # budget the SiT on whitened latents (rank 64) ended below the plain one (teacher 31.5 vs
 # 37.5 %, judge 17.5 vs 22.5 %) and no better than the prior's own samples (docs/DEMO_MODELS.md,
