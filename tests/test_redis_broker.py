@@ -28,12 +28,16 @@ pytestmark = pytest.mark.redis
 torch.set_num_threads(1)
 
 
-async def wait_ready(broker, timeout: float = 90.0) -> None:
+async def wait_ready(broker, timeout: float = 90.0, workers: int = 1) -> None:
+    """Until the broker is ready with at least ``workers`` live workers (ready() needs one; a
+    test about several must not start while the others are still loading their models)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         ok, why = await broker.ready()
-        if ok:
+        live = len(await broker.workers()) if ok else 0
+        if ok and live >= workers:
             return
+        why = why if not ok else f"{live} of {workers} workers live"
         await asyncio.sleep(0.1)
     raise AssertionError(f"broker not ready: {why}")
 
@@ -112,7 +116,7 @@ def test_mixed_concurrent_jobs_on_two_workers(
         assert isinstance(broker, RedisBroker)
         await broker.start()
         try:
-            await wait_ready(broker)
+            await wait_ready(broker, workers=2)  # both serve /metrics once they heartbeat
             results = await asyncio.gather(*(broker.submit(j) for j in jobs))
             depth = await broker.queue_depth("tiny", "tokenize")
         finally:
