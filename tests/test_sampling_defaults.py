@@ -131,8 +131,9 @@ def test_bundled_generators_carry_the_recipes_sampling_defaults():
     from model import demo
     from model.training import recipe
 
-    assert recipe.GENERATOR_SAMPLING
+    assert set(recipe.GENERATOR_SAMPLING) == set(demo.DEMO_GENERATORS)
     for name in demo.DEMO_GENERATORS:
         cfg = json.loads((demo.demo_path(name) / "config.json").read_text())
-        assert cfg["sampling"] == recipe.GENERATOR_SAMPLING
+        assert recipe.GENERATOR_SAMPLING[name]
+        assert cfg["sampling"] == recipe.GENERATOR_SAMPLING[name]
         sampling_settings(cfg["sampling"])  # well-formed
