@@ -29,9 +29,9 @@ PSNR_BAR = {"softvq-demo-64": 26.0, "softvq-demo-32": 24.0}
 # The documented evaluation settings with fewer steps, to keep CI fast.
 SETTINGS = GenerationSettings(steps=12)
 
-# The bundled weights reach the PSNR bars (30.7 / 27.5 dB on 500 held-out images) and the
+# The bundled weights reach the PSNR bars (30.7 / 27.4 dB on 500 held-out images) and the
 # 64-token reconstruction bar (the judge names 94.0 % of softvq-demo-64's reconstructions), not
-# yet the others: 72.2 % of softvq-demo-32's reconstructions, and 40.0 % / 36.0 % of generated
+# yet the others: 76.6 % of softvq-demo-32's reconstructions, and 56.5 % / 55.0 % of generated
 # images (docs/DEMO_MODELS.md). The checks stay real and strict: once retrained weights pass,
 # these tests XPASS and fail, and the mark must go.
 BELOW_BAR = pytest.mark.xfail(
@@ -94,7 +94,7 @@ def test_reconstruction_psnr_on_held_out_images(name):
 
 # Issue #14: the judge names the tokenizers' reconstructions of held-out images (the ceiling
 # for generated images). softvq-demo-64 is above its bar (94.0 % on 500 images); softvq-demo-32
-# is below (72.2 %).
+# is below (76.6 %).
 RECON_ACCURACY_BAR = {"softvq-demo-64": 0.90, "softvq-demo-32": 0.85}
 BELOW_RECOGNISABLE = pytest.mark.xfail(
     strict=True, reason="softvq-demo-32's reconstructions are below their bar (#14 open)"
