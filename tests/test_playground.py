@@ -41,11 +41,13 @@ needs_chromium = pytest.mark.skipif(
     reason="no Chromium: the playground's browser tests need Debian's chromium and "
     "chromium-driver (.ci/run installs them: apt-get install -y chromium chromium-driver)",
 )
-MAX_STEPS = 5000
-# One tiny-model image at this many steps takes seconds on any CPU (1-2 ms a step unloaded,
-# longer on a busy machine): long enough to cancel, or to pass a 1 s deadline. A fixed count,
-# not a timed one: timing on a shared machine swings tenfold.
-LONG_STEPS = 2000
+MAX_STEPS = 200_000
+# One tiny-model image at this many steps takes seconds on any CPU: long enough to cancel, or
+# to pass a short deadline. A fixed count, not a timed one: timing swings tenfold between
+# machines (1-2 ms a step on a busy one; on a quiet 2-core machine on 2026-12-01 the tiny
+# model ran 2000 steps in 0.4 s, over before the page could cancel them). The runs that use
+# it are cancelled (or time out), so a slow machine does not wait them out.
+LONG_STEPS = 50_000
 DESKTOP = (1280, 800)
 PHONE = (390, 844)
 
@@ -458,7 +460,8 @@ def test_a_live_preview_of_the_images_shows_while_generating(page, server):
         "const i = document.getElementById('gen-preview'); return [i.naturalWidth, i.naturalHeight]"
     )
     assert page.el("#gen-preview").is_displayed()
-    assert re.match(r"Estimate at step \d+ of 5000", page.el("#gen-preview").get_attribute("title"))
+    title = page.el("#gen-preview").get_attribute("title")
+    assert re.match(rf"Estimate at step \d+ of {MAX_STEPS}", title), title
     side = size[1] - 4  # make_grid: 2 px around and between
     assert side > 0 and size[0] == 2 * (side + 2) + 2, size
     page.el("#gen-cancel").click()
@@ -470,8 +473,8 @@ def test_a_live_preview_of_the_images_shows_while_generating(page, server):
 @needs_chromium
 def test_a_504_is_shown_in_the_page(chrome, api_env, tmp_path_factory):
     steps = LONG_STEPS
-    # A deadline far below what 2000 steps take on any machine (1 s was not: on a quiet CPU
-    # the tiny model ran them in 1.1 s, inside the deadline, and no 504 came).
+    # A deadline far below what LONG_STEPS take on any machine (1 s for 2000 steps was not:
+    # on a quiet CPU the tiny model ran them in 1.1 s, inside the deadline, and no 504 came).
     # (the page runs /generate as a job: its deadline is the job timeout)
     env = tiny_env(api_env, SOFTVQ_REQUEST_TIMEOUT_S="0.2", SOFTVQ_JOB_TIMEOUT_S="0.2")
     with serve_process(env, tmp_path_factory.mktemp("serve-504")) as (base, _):
