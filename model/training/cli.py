@@ -306,18 +306,19 @@ def _train_demo(args) -> int:
     return 0
 
 
-def settings_for(gen_dir: Path, args):
+def settings_for(gen_dir: Path, args=None):
     """The generator's sampling defaults (config.json "sampling", as /generate uses them),
-    with what the command line names instead."""
+    with what the command line (``args``, when given) names instead."""
     from ..loading import read_config
     from ..sampling import sampling_settings
     from .evaluate import GenerationSettings
 
     d = sampling_settings(read_config(gen_dir).get("sampling"))
+    named = {k: getattr(args, k, None) for k in ("steps", "sampler", "cfg_scale")}
     return GenerationSettings(
-        steps=args.steps if args.steps is not None else d["steps"],
-        sampler=args.sampler if args.sampler is not None else d["sampler"],
-        cfg_scale=args.cfg_scale if args.cfg_scale is not None else d["cfg_scale"],
+        steps=named["steps"] if named["steps"] is not None else d["steps"],
+        sampler=named["sampler"] if named["sampler"] is not None else d["sampler"],
+        cfg_scale=named["cfg_scale"] if named["cfg_scale"] is not None else d["cfg_scale"],
         guidance_interval=tuple(d["guidance_interval"]),
     )
 
