@@ -314,13 +314,11 @@ def settings_for(gen_dir: Path, args=None):
     from .evaluate import GenerationSettings
 
     d = sampling_settings(read_config(gen_dir).get("sampling"))
-    named = {k: getattr(args, k, None) for k in ("steps", "sampler", "cfg_scale")}
-    return GenerationSettings(
-        steps=named["steps"] if named["steps"] is not None else d["steps"],
-        sampler=named["sampler"] if named["sampler"] is not None else d["sampler"],
-        cfg_scale=named["cfg_scale"] if named["cfg_scale"] is not None else d["cfg_scale"],
-        guidance_interval=tuple(d["guidance_interval"]),
-    )
+    chosen = {}
+    for key in ("steps", "sampler", "cfg_scale"):
+        named = getattr(args, key, None)
+        chosen[key] = d[key] if named is None else named
+    return GenerationSettings(**chosen, guidance_interval=tuple(d["guidance_interval"]))
 
 
 def _evaluate_demo(args) -> int:

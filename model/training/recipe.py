@@ -24,7 +24,8 @@ from .teacher import TeacherTrainConfig, train_teacher
 from .tokenizer_trainer import TokenizerTrainConfig, train_tokenizer
 
 # Sizes chosen so the whole recipe fits about 1.6 hours on two CPU cores (96 min measured,
-# eleventh pass; two chains run side by side, one thread each). Pilot runs behind these choices are in docs/DEMO_MODELS.md:
+# eleventh pass; two chains run side by side, one thread each). Pilot runs behind these
+# choices are in docs/DEMO_MODELS.md:
 # patch 4 (an 8x8 patch is 192 pixel values out of a 96-wide token: a rank bottleneck) and
 # sin-cos position init (random init leaves the tokenizer at the mean-colour plateau).
 # 32 px images (issue #14, 2026-11-30 pilots): at 64 px a 15-minute tokenizer pilot reached
