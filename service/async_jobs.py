@@ -17,9 +17,10 @@ In Redis mode the task awaiting a job lives on the replica that accepted it (the
 ``runner``), which renews a lease in Redis every third of ``SOFTVQ_JOB_RUNNER_LEASE_S``. If
 that replica dies while the job is active, its lease lapses and any replica that reads the
 job (``GET``, the event stream) reports it failed with ``runner_lost`` at once, instead of
-leaving it ``running`` until its deadline. The worker may still finish it, but nobody is
-left to store the answer: the caller learns within a lease, and submits again. A finished
-result is in Redis and survives any replica.
+leaving it ``running`` until its deadline, and the workers drop it as if it were cancelled
+(nobody is left to store its answer): the caller learns within a lease, and submits again.
+The event stream looks too while the worker is still writing progress. A finished result is
+in Redis and survives any replica.
 """
 
 from __future__ import annotations
@@ -178,6 +179,10 @@ class AsyncJobs:
             }
         if error is not None:
             await self.store.transition(job_id, "failed", {"error": error})
+            try:  # free the worker: whatever it would compute has no reader any more
+                await self.broker.cancel(job_id)
+            except Exception as e:  # noqa: BLE001 - the verdict stands; the rows just run on
+                log.info("could not drop failed job %s on the workers: %s", job_id, e)
             record = await self.store.get(job_id)
         return record
 

@@ -17,6 +17,7 @@ thread render them (a decode about every second: a cost only those jobs pay), an
 from __future__ import annotations
 
 import json
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -158,7 +159,7 @@ def install_job_routes(app: FastAPI, svc) -> None:
         store = svc.jobs.store
 
         async def stream():
-            last, settled = after, False
+            last, settled, looked = after, False, time.monotonic()
             while True:
                 events = await store.events(job_id, last, EVENT_POLL_S)
                 for ev in events:
@@ -172,10 +173,12 @@ def install_job_routes(app: FastAPI, svc) -> None:
                     yield {"id": ev.id, "event": ev.event, "data": json.dumps(data)}
                     if ev.event in TERMINAL:
                         return
-                if not events:
-                    # Through the jobs, not the store: a job nothing can finish any more
-                    # (its replica died, its deadline passed) fails now, and its terminal
-                    # event is read on the next turn.
+                # Through the jobs, not the store: a job nothing can finish any more (its
+                # replica died, its deadline passed) fails now, and its terminal event is
+                # read on the next turn. Also while events flow: a worker still writes the
+                # progress of a job whose replica died.
+                if not events or time.monotonic() - looked >= EVENT_POLL_S:
+                    looked = time.monotonic()
                     record = await svc.jobs.get(job_id)
                     # Expired meanwhile, or past its terminal event (a state and its event
                     # are written together: nothing more will come).
