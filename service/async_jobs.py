@@ -36,7 +36,7 @@ from starlette.concurrency import run_in_threadpool
 
 from . import metrics
 from .job_store import ACTIVE, JobRecord, JobStore, record_progress
-from .jobs import Job, JobCanceled, JobError, JobTimeout, QueueFull
+from .jobs import BrokerUnavailable, Job, JobCanceled, JobError, JobTimeout, QueueFull
 
 if TYPE_CHECKING:
     from .prepare import Prepared
@@ -181,7 +181,7 @@ class AsyncJobs:
             await self.store.transition(job_id, "failed", {"error": error})
             try:  # free the worker: whatever it would compute has no reader any more
                 await self.broker.cancel(job_id)
-            except Exception as e:  # noqa: BLE001 - the verdict stands; the rows just run on
+            except BrokerUnavailable as e:  # the verdict stands; the rows just run on
                 log.info("could not drop failed job %s on the workers: %s", job_id, e)
             record = await self.store.get(job_id)
         return record
