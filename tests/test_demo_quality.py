@@ -31,15 +31,10 @@ PSNR_BAR = {"softvq-demo-64": 26.0, "softvq-demo-32": 24.0}
 # Judged accuracy of generated images with the service's defaults for each generator.
 GENERATION_BAR = {"sit-demo-64": 0.85, "sit-demo-32": 0.75}
 
-# The bundled weights reach the PSNR and reconstruction bars (30.7 / 30.7 dB, 94.0 / 91.4 % of
-# reconstructions judged, 500 held-out images) and sit-demo-32's generation bar (75.0 % of 200
-# generated images judged, 78.4 % of 500), not yet sit-demo-64's (83.0 % of 200 since its depth
-# doubled, 65.5 % before; docs/DEMO_MODELS.md).
-# The checks stay real and strict: once retrained weights pass, the test XPASSes and fails,
-# and the mark must go.
-BELOW_BAR = pytest.mark.xfail(
-    strict=True, reason="sit-demo-64 is below issue #14's generation bar (#14 open)"
-)
+# The bundled weights reach every bar (30.7 / 30.7 dB, 94.0 / 91.4 % of reconstructions judged,
+# 500 held-out images; generated images judged 87.0 % / 75.0 % of 200 since sit-demo-64 became
+# 128 x 8 in the nineteenth pass; docs/DEMO_MODELS.md). Retrained weights that fall below a bar
+# turn these tests red.
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -118,13 +113,6 @@ def test_judge_names_the_reconstructions_of_held_out_images(name):
     assert acc >= RECON_ACCURACY_BAR[name]
 
 
-GENERATION_BELOW_BAR = {"sit-demo-64"}
-GENERATION_CASES = [
-    pytest.param(name, marks=BELOW_BAR) if name in GENERATION_BELOW_BAR else name
-    for name in demo.DEMO_GENERATORS
-]
-
-
 @functools.cache
 def guided_samples(gen_name: str):
     """(images, labels): 4 samples per class with the generator's own defaults (its
@@ -135,7 +123,7 @@ def guided_samples(gen_name: str):
     return generate_per_class(tok, gen, per_class=4, settings=settings, seed=7)
 
 
-@pytest.mark.parametrize("gen_name", GENERATION_CASES)
+@pytest.mark.parametrize("gen_name", demo.DEMO_GENERATORS)
 def test_guided_samples_show_the_class_asked_for(gen_name):
     images, labels = guided_samples(gen_name)
     judge = load_judge(demo.demo_path(demo.JUDGE_CLASSIFIER))
