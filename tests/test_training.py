@@ -333,3 +333,51 @@ def test_training_time_distributions():
     assert float((lognormal > 0.8).float().mean()) == pytest.approx(0.082, abs=0.01)
     with pytest.raises(ValueError, match="time distribution"):
         sample_time(4, "cosine")
+
+
+def test_core_share_hands_a_finished_process_cores_to_the_others(tmp_path):
+    """train-demo's processes divide the cores by live leases: a process that ends (here a
+    real one, killed) gives its share to those still training; dead leases count for nothing."""
+    import subprocess
+    import sys
+
+    from model.training.loop import CoreShare
+
+    before = torch.get_num_threads()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (tmp_path / str(other.pid)).touch()  # a training process side by side
+        (tmp_path / "999999999").touch()  # a lease left by a killed run (no such pid)
+        share = CoreShare(tmp_path, cores=4)
+        with share:
+            assert share.lease.is_file()
+            assert torch.get_num_threads() == 2
+            other.kill()
+            other.wait()
+            share.rebalance()  # looks at the leases every 5 s at most: not yet
+            assert torch.get_num_threads() == 2
+            share.rebalance(force=True)
+            assert torch.get_num_threads() == 4
+        assert not share.lease.exists()
+        CoreShare.clear(tmp_path)
+        assert not any(tmp_path.iterdir())
+    finally:
+        other.kill()
+        torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_train_demo_runs_its_processes_side_by_side_and_releases_their_cores(tmp_path):
+    """The default (parallel) train-demo at a smoke scale, real spawned processes: every model
+    finished, every stage timed, no lease left behind."""
+    from model.training.recipe import train_demo
+
+    finished = train_demo(tmp_path, scale=0.001, quiet=True, cores=2)
+    expected = {"judge-classifier", "softvq-demo-32", "sit-demo-32", "softvq-demo-64"}
+    assert set(finished) == expected | {"sit-demo-64"}
+    for path in finished.values():
+        assert (path / "model.safetensors").is_file()
+    stages = {line.split("\t")[0] for line in (tmp_path / "times.txt").read_text().splitlines()}
+    assert stages == set(finished) | {"teacher"}
+    assert not any((tmp_path / "cores").iterdir())
+    model.load_generator(finished["sit-demo-64"])

@@ -127,12 +127,18 @@ def register(sub) -> None:
         default=1.0,
         help="multiply every step count (e.g. 0.01 for a smoke run)",
     )
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="cores to use (default: all this process may use), divided among the processes "
+        "training side by side; a process that finishes hands its share to the others",
+    )
     p.add_argument(
         "--sequential",
         action="store_true",
         help="one process, stage after stage (default: teacher / judge, then the two chains "
-        "side by side, one thread each)",
+        "side by side, dividing the cores)",
     )
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train_demo)
@@ -294,7 +300,11 @@ def _train_demo(args) -> int:
     out_dir = Path(args.out_dir) if args.out_dir else demo.DEMO_WEIGHTS_DIR
     t0 = time.time()
     finished = train_demo(
-        Path(args.work_dir), scale=args.scale, quiet=args.quiet, parallel=not args.sequential
+        Path(args.work_dir),
+        scale=args.scale,
+        quiet=args.quiet,
+        parallel=not args.sequential,
+        cores=args.threads,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, path in finished.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,8 +153,14 @@ def teacher_targets(teacher, dataset, num_tokens: int, batch_size: int = 100, qu
     return torch.cat(out)
 
 
-def train_generator(cfg: GeneratorTrainConfig, quiet: bool = False, stop_after: int | None = None):
-    """Train (or resume) and save the EMA generator to ``cfg.out``; returns [(step, loss)]."""
+def train_generator(
+    cfg: GeneratorTrainConfig,
+    quiet: bool = False,
+    stop_after: int | None = None,
+    on_step: Callable[[], None] | None = None,
+):
+    """Train (or resume) and save the EMA generator to ``cfg.out``; returns [(step, loss)].
+    ``on_step`` is called after every step (train-demo: ``CoreShare.rebalance``)."""
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.tokenizer)
     source = open_source(cfg.data, tok.image_size, size=cfg.train_size, seed=cfg.seed)
@@ -224,6 +231,8 @@ def train_generator(cfg: GeneratorTrainConfig, quiet: bool = False, stop_after: 
         history.append((step, loss.item()))
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()}, refresh=False)
+        if on_step is not None:
+            on_step()
         if step % cfg.ckpt_every == 0 or step == end:
             save_checkpoint(ckpt, step, gen, ema, opt, {"history": history})
     bar.close()

@@ -1,10 +1,11 @@
 """Pieces shared by the trainers: optimiser, learning-rate schedule, resumable checkpoints,
-progress bars and thread settings."""
+progress bars and thread settings (including cores shared by processes side by side)."""
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,74 @@ def set_threads(threads: int | None) -> None:
     if threads is None:
         threads = min(2, len(os.sched_getaffinity(0)))
     torch.set_num_threads(max(1, int(threads)))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class CoreShare:
+    """The cores of one machine, shared by training processes that run side by side.
+
+    Each process holds a lease (a file named after its pid) in ``directory`` while it trains
+    and calls ``rebalance()`` after every step; that gives it ``cores // live leases`` threads
+    (at least one). So when one process finishes, the others take its cores: in train-demo the
+    64-token generator, the longest stage, moves to both cores of a 2-core machine once the
+    32-token chain is done instead of leaving one idle for hours. (torch's thread count must
+    be set from the training thread itself, hence a call in the loop and not a watcher.)
+    """
+
+    def __init__(self, directory: str | Path, cores: int, name: str = "", quiet: bool = True):
+        self.directory = Path(directory)
+        self.cores = max(1, int(cores))
+        self.name = name
+        self.quiet = quiet
+        self.lease = self.directory / str(os.getpid())
+        self._next_check = 0.0
+
+    @staticmethod
+    def clear(directory: str | Path) -> None:
+        """Drop the leases a killed run left behind (only the process that starts the others
+        calls this)."""
+        for lease in Path(directory).glob("*"):
+            lease.unlink(missing_ok=True)
+
+    def __enter__(self) -> CoreShare:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.lease.touch()
+        self.rebalance(force=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lease.unlink(missing_ok=True)
+
+    def live_leases(self) -> int:
+        live = 0
+        for lease in self.directory.glob("*"):
+            if lease.name.isdigit() and _alive(int(lease.name)):
+                live += 1
+        return max(1, live)
+
+    def threads(self) -> int:
+        return max(1, self.cores // self.live_leases())
+
+    def rebalance(self, force: bool = False) -> None:
+        """Set this process's threads to its share; looks at the leases every 5 s at most."""
+        now = time.monotonic()
+        if not force and now < self._next_check:
+            return
+        self._next_check = now + 5.0
+        threads = self.threads()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            if not self.quiet:
+                tqdm.write(f"{self.name or 'training'}: {threads} thread(s) from now on")
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -20,12 +21,14 @@ import torch
 from .. import demo
 from .classifier import train_judge
 from .generator_trainer import GeneratorTrainConfig, train_generator
+from .loop import CoreShare
 from .teacher import TeacherTrainConfig, train_teacher
 from .tokenizer_trainer import TokenizerTrainConfig, train_tokenizer
 
-# Sizes chosen so the whole recipe fits about 1.6 hours on two CPU cores (96 min measured,
-# eleventh pass; two chains run side by side, one thread each). Pilot runs behind these
-# choices are in docs/DEMO_MODELS.md:
+# Sizes first chosen so the whole recipe fit about 1.6 hours on two CPU cores (96 min measured,
+# eleventh pass; two chains side by side, one thread each); the deeper sit-demo-64 since has
+# made its chain the long one (docs/DEMO_MODELS.md). Pilot runs behind these choices are in
+# docs/DEMO_MODELS.md:
 # patch 4 (an 8x8 patch is 192 pixel values out of a 96-wide token: a rank bottleneck) and
 # sin-cos position init (random init leaves the tokenizer at the mean-colour plateau).
 # 32 px images (issue #14, 2026-11-30 pilots): at 64 px a 15-minute tokenizer pilot reached
@@ -151,25 +154,29 @@ def _steps(n: int, scale: float) -> int:
     return max(2, int(n * scale))
 
 
-def run_judge(work: Path, scale: float, quiet: bool, threads: int) -> Path:
-    torch.set_num_threads(threads)
+def _cores(work: Path, cores: int, name: str, quiet: bool) -> CoreShare:
+    """This process's share of the ``cores`` that train-demo's processes divide among them."""
+    return CoreShare(work / "cores", cores, name=name, quiet=quiet)
+
+
+def run_judge(work: Path, scale: float, quiet: bool, cores: int) -> Path:
     out = work / demo.JUDGE_CLASSIFIER
     if not _done(out):
-        _timed(
-            work,
-            out.name,
-            lambda: train_judge(
-                out, steps=_steps(JUDGE_STEPS, scale), image_size=IMAGE_SIZE, quiet=quiet
-            ),
-        )
+        with _cores(work, cores, out.name, quiet=True):
+            _timed(
+                work,
+                out.name,
+                lambda: train_judge(
+                    out, steps=_steps(JUDGE_STEPS, scale), image_size=IMAGE_SIZE, quiet=quiet
+                ),
+            )
     return out
 
 
-def run_teacher(work: Path, scale: float, quiet: bool, threads: int) -> Path | None:
+def run_teacher(work: Path, scale: float, quiet: bool, cores: int) -> Path | None:
     """The frozen teacher, when any loss of the recipe uses it (not bundled)."""
     if not uses_teacher():
         return None
-    torch.set_num_threads(threads)
     out = work / TEACHER_DIR
     if not (out / "model.safetensors").is_file():
         cfg = TeacherTrainConfig(
@@ -180,7 +187,8 @@ def run_teacher(work: Path, scale: float, quiet: bool, threads: int) -> Path | N
             image_size=IMAGE_SIZE,
             **TEACHER,
         )
-        _timed(work, "teacher", lambda: train_teacher(cfg, quiet=quiet))
+        with _cores(work, cores, "teacher", quiet=True):
+            _timed(work, "teacher", lambda: train_teacher(cfg, quiet=quiet))
     return out
 
 
@@ -229,18 +237,27 @@ def generator_config(work: Path, gen_name: str, scale: float = 1.0) -> Generator
     )
 
 
-def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, threads: int) -> dict:
-    """Tokenizer, then the generator on its latents."""
-    torch.set_num_threads(threads)
+def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, cores: int) -> dict:
+    """Tokenizer, then the generator on its latents, on this process's share of ``cores``
+    (which grows when the other processes finish)."""
     tok_dir = work / tok_name
-    if not _done(tok_dir):
-        tok_cfg = tokenizer_config(work, tok_name, scale)
-        _timed(work, tok_name, lambda: train_tokenizer(tok_cfg, quiet=quiet))
     gen_name = next(g for g, t in demo.DEMO_GENERATORS.items() if t == tok_name)
     gen_dir = work / gen_name
-    if not _done(gen_dir):
-        gen_cfg = generator_config(work, gen_name, scale)
-        _timed(work, gen_name, lambda: train_generator(gen_cfg, quiet=quiet))
+    with _cores(work, cores, tok_name.replace("softvq-demo", "chain"), quiet) as share:
+        if not _done(tok_dir):
+            tok_cfg = tokenizer_config(work, tok_name, scale)
+            _timed(
+                work,
+                tok_name,
+                lambda: train_tokenizer(tok_cfg, quiet=quiet, on_step=share.rebalance),
+            )
+        if not _done(gen_dir):
+            gen_cfg = generator_config(work, gen_name, scale)
+            _timed(
+                work,
+                gen_name,
+                lambda: train_generator(gen_cfg, quiet=quiet, on_step=share.rebalance),
+            )
     set_sampling(gen_dir, GENERATOR_SAMPLING.get(gen_name))
     return {tok_name: tok_dir, gen_name: gen_dir}
 
@@ -257,14 +274,23 @@ def set_sampling(gen_dir: Path, sampling: dict | None) -> None:
     path.write_text(json.dumps(config, indent=1) + "\n")
 
 
-def train_demo(work: Path, scale: float = 1.0, quiet: bool = False, parallel: bool = True):
+def train_demo(
+    work: Path,
+    scale: float = 1.0,
+    quiet: bool = False,
+    parallel: bool = True,
+    cores: int | None = None,
+):
     """Train everything into ``work``; returns {bundled name: finished model directory}
     (the teacher stays in ``work``: it is not bundled).
 
     The judge and the two tokenizer -> generator chains are independent, so by default they
-    run as three single-threaded processes: on a small shared CPU that beats one process with
-    several threads (whose OpenMP workers wait on each other whenever a core is taken). The
-    teacher, when the recipe uses one, trains first (beside the judge).
+    run as separate processes that divide ``cores`` (default: all this process may use)
+    among them, one thread each on two cores: on a small shared CPU that beats one process
+    with several threads (whose OpenMP workers wait on each other whenever a core is taken).
+    A process that finishes hands its cores to those still running (``CoreShare``): the
+    64-token chain, the longest, ends on both cores. The teacher, when the recipe uses one,
+    trains first (beside the judge).
     """
     work.mkdir(parents=True, exist_ok=True)
     finished: dict[str, Path] = {}
@@ -274,11 +300,13 @@ def train_demo(work: Path, scale: float = 1.0, quiet: bool = False, parallel: bo
         for tok_name in TOKENIZERS:
             finished.update(run_chain(work, tok_name, scale, quiet, torch.get_num_threads()))
         return finished
+    cores = cores or len(os.sched_getaffinity(0))
+    CoreShare.clear(work / "cores")
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1 + len(TOKENIZERS), mp_context=ctx) as pool:
-        judge = pool.submit(run_judge, work, scale, quiet, 1)
-        pool.submit(run_teacher, work, scale, quiet, 1).result()
-        chains = [pool.submit(run_chain, work, t, scale, quiet, 1) for t in TOKENIZERS]
+        judge = pool.submit(run_judge, work, scale, quiet, cores)
+        pool.submit(run_teacher, work, scale, quiet, cores).result()
+        chains = [pool.submit(run_chain, work, t, scale, quiet, cores) for t in TOKENIZERS]
         finished[demo.JUDGE_CLASSIFIER] = judge.result()
         for c in chains:
             finished.update(c.result())
