@@ -162,12 +162,13 @@ def _cores(work: Path, cores: int, name: str, quiet: bool) -> CoreShare:
 def run_judge(work: Path, scale: float, quiet: bool, cores: int) -> Path:
     out = work / demo.JUDGE_CLASSIFIER
     if not _done(out):
-        with _cores(work, cores, out.name, quiet=True):
+        steps = _steps(JUDGE_STEPS, scale)
+        with _cores(work, cores, out.name, quiet=True) as share:
             _timed(
                 work,
                 out.name,
                 lambda: train_judge(
-                    out, steps=_steps(JUDGE_STEPS, scale), image_size=IMAGE_SIZE, quiet=quiet
+                    out, steps, image_size=IMAGE_SIZE, quiet=quiet, on_step=share.rebalance
                 ),
             )
     return out
@@ -187,8 +188,8 @@ def run_teacher(work: Path, scale: float, quiet: bool, cores: int) -> Path | Non
             image_size=IMAGE_SIZE,
             **TEACHER,
         )
-        with _cores(work, cores, "teacher", quiet=True):
-            _timed(work, "teacher", lambda: train_teacher(cfg, quiet=quiet))
+        with _cores(work, cores, "teacher", quiet=True) as share:
+            _timed(work, "teacher", lambda: train_teacher(cfg, quiet, on_step=share.rebalance))
     return out
 
 
