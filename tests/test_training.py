@@ -381,3 +381,41 @@ def test_train_demo_runs_its_processes_side_by_side_and_releases_their_cores(tmp
     assert stages == set(finished) | {"teacher"}
     assert not any((tmp_path / "cores").iterdir())
     model.load_generator(finished["sit-demo-64"])
+    first = json.loads((tmp_path / "wall.json").read_text())
+    assert first["runs"] == 1 and first["seconds"] > 0
+    train_demo(tmp_path, scale=0.001, quiet=True, cores=2)  # everything done: only checks
+    again = json.loads((tmp_path / "wall.json").read_text())
+    assert again["runs"] == 2 and again["seconds"] > first["seconds"]
+
+
+def test_run_clock_adds_up_runs_even_a_killed_one(tmp_path):
+    """A run killed with SIGKILL still leaves its time (to within one beat) for the next run
+    to add to."""
+    import subprocess
+    import sys
+    import time
+
+    from model.training.loop import RunClock
+
+    path = tmp_path / "wall.json"
+    code = (
+        "import sys, time; from model.training.loop import RunClock\n"
+        f"with RunClock({str(path)!r}, every=0.05):\n    time.sleep(60)\n"
+    )
+    killed = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if path.is_file() and json.loads(path.read_text())["seconds"] >= 0.5:
+                break
+            time.sleep(0.05)
+    finally:
+        killed.kill()
+        killed.wait()
+    lost = json.loads(path.read_text())
+    assert lost["runs"] == 1 and lost["seconds"] >= 0.5
+    with RunClock(path, every=0.05) as clock:
+        time.sleep(0.2)
+        assert clock.total() >= lost["seconds"] + 0.2
+    both = json.loads(path.read_text())
+    assert both["runs"] == 2 and both["seconds"] >= lost["seconds"] + 0.2

@@ -294,7 +294,7 @@ def _train_generator(args) -> int:
 
 def _train_demo(args) -> int:
     from .. import demo
-    from .recipe import train_demo
+    from .recipe import WALL_CLOCK, train_demo
 
     set_threads(args.threads)
     out_dir = Path(args.out_dir) if args.out_dir else demo.DEMO_WEIGHTS_DIR
@@ -312,7 +312,12 @@ def _train_demo(args) -> int:
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(path, dest)
-    print(f"train-demo: done in {(time.time() - t0) / 60:.1f} min; models in {out_dir}")
+    wall = json.loads((Path(args.work_dir) / WALL_CLOCK).read_text())
+    print(
+        f"train-demo: done in {(time.time() - t0) / 60:.1f} min "
+        f"({wall['seconds'] / 60:.1f} min over {wall['runs']} run(s) in {args.work_dir}); "
+        f"models in {out_dir}"
+    )
     return 0
 
 

@@ -3,8 +3,10 @@ progress bars and thread settings (including cores shared by processes side by s
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -88,6 +90,54 @@ class CoreShare:
             torch.set_num_threads(threads)
             if not self.quiet:
                 tqdm.write(f"{self.name or 'training'}: {threads} thread(s) from now on")
+
+
+class RunClock:
+    """Wall time of a job that may be killed and resumed (train-demo): each run adds its own
+    time to a small JSON file in the work directory, rewritten every ``every`` seconds while it
+    runs (so a killed run loses at most that much) and read back by the next run."""
+
+    def __init__(self, path: str | Path, every: float = 30.0):
+        self.path = Path(path)
+        self.every = every
+        self.before, self.runs = 0.0, 1
+        self._start = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far."""
+        return time.monotonic() - self._start
+
+    def total(self) -> float:
+        """Seconds of every run in this work directory, this one included."""
+        return self.before + self.elapsed()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"seconds": round(self.total(), 1), "runs": self.runs}) + "\n")
+        os.replace(tmp, self.path)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            self._write()
+
+    def __enter__(self) -> RunClock:
+        if self.path.is_file():
+            saved = json.loads(self.path.read_text())
+            self.before, self.runs = float(saved["seconds"]), int(saved["runs"]) + 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._start = time.monotonic()
+        self._write()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._write()
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -21,7 +21,7 @@ import torch
 from .. import demo
 from .classifier import train_judge
 from .generator_trainer import GeneratorTrainConfig, train_generator
-from .loop import CoreShare
+from .loop import CoreShare, RunClock
 from .teacher import TeacherTrainConfig, train_teacher
 from .tokenizer_trainer import TokenizerTrainConfig, train_tokenizer
 
@@ -116,6 +116,7 @@ EMA_DECAY = 0.998
 # 26.5 -> 46 %). The perceptual term cost PSNR and judged reconstructions in the short
 # pilots (-1.5 dB with alignment 0.1), so it is off.
 TEACHER_DIR = "teacher"
+WALL_CLOCK = "wall.json"  # the wall time of every run in a work directory (RunClock)
 TEACHER = {"arch": "cnn", "width": 16}
 TEACHER_STEPS = 800
 # latent tokens -> teacher patch features (SoftVQ's repa), per tokenizer
@@ -297,8 +298,16 @@ def train_demo(
     A process that finishes hands its cores to those still running (``CoreShare``): the
     64-token chain, the longest, ends on both cores. The teacher, when the recipe uses one,
     trains first (beside the judge).
+
+    ``work/wall.json`` adds up the wall time of every run in ``work`` (a killed and resumed
+    recipe is timed as a whole); ``work/times.txt`` has a line per stage and run.
     """
     work.mkdir(parents=True, exist_ok=True)
+    with RunClock(work / WALL_CLOCK):
+        return _train_demo(work, scale, quiet, parallel, cores)
+
+
+def _train_demo(work: Path, scale: float, quiet: bool, parallel: bool, cores: int | None):
     finished: dict[str, Path] = {}
     if not parallel:
         run_teacher(work, scale, quiet, torch.get_num_threads())
