@@ -8,7 +8,6 @@ for. Saved like the models: a directory with config.json + model.safetensors.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,10 +102,9 @@ def train_judge(
     image_size: int = 64,
     seed: int = 0,
     quiet: bool = False,
-    on_step: Callable[[], None] | None = None,
 ) -> float:
     """Train on the built-in set (fresh images every step), save, and return the accuracy on
-    1000 held-out images (another seed). ``on_step`` is called after every step."""
+    1000 held-out images (another seed)."""
     torch.manual_seed(seed)
     train = ProceduralShapes(steps * batch_size, seed=seed + 7919, image_size=image_size)
     judge = Judge(ClassifierConfig.for_size(len(train.classes), image_size))
@@ -123,8 +121,6 @@ def train_judge(
         opt.step()
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if on_step is not None:
-            on_step()
     bar.close()
     judge.eval()
     held_out = ProceduralShapes(1000, seed=seed + 104729, image_size=image_size)

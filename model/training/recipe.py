@@ -165,25 +165,27 @@ def _cores(work: Path, cores: int, name: str, quiet: bool) -> CoreShare:
     return CoreShare(work / "cores", cores, name=name, quiet=quiet)
 
 
-def run_judge(work: Path, scale: float, quiet: bool, cores: int) -> Path:
+# The judge, the teacher and the tokenizers train on a fixed number of threads: a thread
+# count that changed with the timing of other processes would change their float results from
+# run to run, and the teacher's differences carry into every model aligned to it (twentieth
+# pass: two runs on one machine, a teacher that took two threads for its first seconds, two
+# different teachers). Only the generators, the last stages, take cores as they free up.
+
+
+def run_judge(work: Path, scale: float, quiet: bool, threads: int) -> Path:
+    torch.set_num_threads(threads)
     out = work / demo.JUDGE_CLASSIFIER
     if not _done(out):
         steps = _steps(JUDGE_STEPS, scale)
-        with _cores(work, cores, out.name, quiet=True) as share:
-            _timed(
-                work,
-                out.name,
-                lambda: train_judge(
-                    out, steps, image_size=IMAGE_SIZE, quiet=quiet, on_step=share.rebalance
-                ),
-            )
+        _timed(work, out.name, lambda: train_judge(out, steps, image_size=IMAGE_SIZE, quiet=quiet))
     return out
 
 
-def run_teacher(work: Path, scale: float, quiet: bool, cores: int) -> Path | None:
+def run_teacher(work: Path, scale: float, quiet: bool, threads: int) -> Path | None:
     """The frozen teacher, when any loss of the recipe uses it (not bundled)."""
     if not uses_teacher():
         return None
+    torch.set_num_threads(threads)
     out = work / TEACHER_DIR
     if not (out / "model.safetensors").is_file():
         cfg = TeacherTrainConfig(
@@ -194,8 +196,7 @@ def run_teacher(work: Path, scale: float, quiet: bool, cores: int) -> Path | Non
             image_size=IMAGE_SIZE,
             **TEACHER,
         )
-        with _cores(work, cores, "teacher", quiet=True) as share:
-            _timed(work, "teacher", lambda: train_teacher(cfg, quiet, on_step=share.rebalance))
+        _timed(work, "teacher", lambda: train_teacher(cfg, quiet=quiet))
     return out
 
 
@@ -244,20 +245,20 @@ def generator_config(work: Path, gen_name: str, scale: float = 1.0) -> Generator
     )
 
 
-def run_chain(work: Path, tok_name: str, scale: float, quiet: bool, cores: int) -> dict:
-    """Tokenizer, then the generator on its latents, on this process's share of ``cores``
-    (which grows when the other processes finish)."""
+def run_chain(
+    work: Path, tok_name: str, scale: float, quiet: bool, cores: int, chains: int = 1
+) -> dict:
+    """Tokenizer (on ``cores // chains`` threads, ``chains`` running side by side), then the
+    generator on its latents, on this process's share of ``cores``, which grows as the other
+    processes finish."""
     tok_dir = work / tok_name
     gen_name = next(g for g, t in demo.DEMO_GENERATORS.items() if t == tok_name)
     gen_dir = work / gen_name
     with _cores(work, cores, tok_name.replace("softvq-demo", "chain"), quiet) as share:
         if not _done(tok_dir):
+            torch.set_num_threads(max(1, cores // chains))
             tok_cfg = tokenizer_config(work, tok_name, scale)
-            _timed(
-                work,
-                tok_name,
-                lambda: train_tokenizer(tok_cfg, quiet=quiet, on_step=share.rebalance),
-            )
+            _timed(work, tok_name, lambda: train_tokenizer(tok_cfg, quiet=quiet))
         if not _done(gen_dir):
             gen_cfg = generator_config(work, gen_name, scale)
             _timed(
@@ -292,12 +293,12 @@ def train_demo(
     (the teacher stays in ``work``: it is not bundled).
 
     The judge and the two tokenizer -> generator chains are independent, so by default they
-    run as separate processes that divide ``cores`` (default: all this process may use)
-    among them, one thread each on two cores: on a small shared CPU that beats one process
-    with several threads (whose OpenMP workers wait on each other whenever a core is taken).
-    A process that finishes hands its cores to those still running (``CoreShare``): the
-    64-token chain, the longest, ends on both cores. The teacher, when the recipe uses one,
-    trains first (beside the judge).
+    run as separate processes: the judge (and first the teacher, when the recipe uses one) on
+    one thread, each chain's tokenizer on ``cores`` // 2 (default: all the cores this process
+    may use; one thread each on two cores: on a small shared CPU that beats one process with
+    several threads, whose OpenMP workers wait on each other whenever a core is taken). The
+    generators divide the cores by live leases (``CoreShare``): when the 32-token chain ends,
+    the 64-token generator, the longest stage, takes its core.
 
     ``work/wall.json`` adds up the wall time of every run in ``work`` (a killed and resumed
     recipe is timed as a whole); ``work/times.txt`` has a line per stage and run.
@@ -319,9 +320,10 @@ def _train_demo(work: Path, scale: float, quiet: bool, parallel: bool, cores: in
     CoreShare.clear(work / "cores")
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1 + len(TOKENIZERS), mp_context=ctx) as pool:
-        judge = pool.submit(run_judge, work, scale, quiet, cores)
-        pool.submit(run_teacher, work, scale, quiet, cores).result()
-        chains = [pool.submit(run_chain, work, t, scale, quiet, cores) for t in TOKENIZERS]
+        judge = pool.submit(run_judge, work, scale, quiet, 1)
+        pool.submit(run_teacher, work, scale, quiet, 1).result()
+        n = len(TOKENIZERS)
+        chains = [pool.submit(run_chain, work, t, scale, quiet, cores, n) for t in TOKENIZERS]
         finished[demo.JUDGE_CLASSIFIER] = judge.result()
         for c in chains:
             finished.update(c.result())

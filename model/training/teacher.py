@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,14 +291,9 @@ def held_out_accuracy(teacher: Teacher, data: str, image_size: int, count: int =
     return float((pred == labels).float().mean())
 
 
-def train_teacher(
-    cfg: TeacherTrainConfig,
-    quiet: bool = False,
-    stop_after: int | None = None,
-    on_step: Callable[[], None] | None = None,
-):
+def train_teacher(cfg: TeacherTrainConfig, quiet: bool = False, stop_after: int | None = None):
     """Train (or resume) the teacher as a classifier; the EMA weights are saved to
-    ``cfg.out``; ``on_step`` is called after every step. Returns [(step, loss)]."""
+    ``cfg.out``. Returns [(step, loss)]."""
     torch.manual_seed(cfg.seed)
     train_seed = cfg.seed + TEACHER_STREAM
     source = open_source(cfg.data, cfg.image_size, size=cfg.train_size, seed=train_seed)
@@ -343,8 +337,6 @@ def train_teacher(
         history.append((step, loss.item()))
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-        if on_step is not None:
-            on_step()
         if step % cfg.ckpt_every == 0 or step == end:
             save_checkpoint(ckpt, step, teacher, ema, opt, {"history": history})
     bar.close()
