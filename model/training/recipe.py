@@ -160,11 +160,6 @@ def _steps(n: int, scale: float) -> int:
     return max(2, int(n * scale))
 
 
-def _cores(work: Path, cores: int, name: str, quiet: bool) -> CoreShare:
-    """This process's share of the ``cores`` that train-demo's processes divide among them."""
-    return CoreShare(work / "cores", cores, name=name, quiet=quiet)
-
-
 # The judge, the teacher and the tokenizers train on a fixed number of threads: a thread
 # count that changed with the timing of other processes would change their float results from
 # run to run, and the teacher's differences carry into every model aligned to it (twentieth
@@ -254,7 +249,8 @@ def run_chain(
     tok_dir = work / tok_name
     gen_name = next(g for g, t in demo.DEMO_GENERATORS.items() if t == tok_name)
     gen_dir = work / gen_name
-    with _cores(work, cores, tok_name.replace("softvq-demo", "chain"), quiet) as share:
+    name = tok_name.replace("softvq-demo", "chain")
+    with CoreShare(work / "cores", cores, name=name, quiet=quiet) as share:
         if not _done(tok_dir):
             torch.set_num_threads(max(1, cores // chains))
             tok_cfg = tokenizer_config(work, tok_name, scale)

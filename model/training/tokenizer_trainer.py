@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,15 +254,9 @@ def measure_latent_stats(tok: SoftVQTokenizer, dataset, count: int, batch_size: 
     return mean, std
 
 
-def train_tokenizer(
-    cfg: TokenizerTrainConfig,
-    quiet: bool = False,
-    stop_after: int | None = None,
-    on_step: Callable[[], None] | None = None,
-):
+def train_tokenizer(cfg: TokenizerTrainConfig, quiet: bool = False, stop_after: int | None = None):
     """Train (or resume) and save the EMA tokenizer to ``cfg.out``. ``stop_after`` ends the run
-    early after that many total steps without saving the model (used to test resuming);
-    ``on_step`` is called after every step (train-demo: ``CoreShare.rebalance``).
+    early after that many total steps without saving the model (used to test resuming).
     Returns the list of (step, loss) logged."""
     torch.manual_seed(cfg.seed)
     source = open_source(cfg.data, cfg.image_size, size=cfg.train_size, seed=cfg.seed)
@@ -295,8 +288,6 @@ def train_tokenizer(
         history.append((step, loss.item()))
         bar.update(1)
         bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()}, refresh=False)
-        if on_step is not None:
-            on_step()
         if step % cfg.ckpt_every == 0 or step == end:
             save_checkpoint(ckpt, step, tok, ema, opt, {"history": history})
     bar.close()
