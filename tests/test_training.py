@@ -155,6 +155,8 @@ def test_judge_trains_and_round_trips(tmp_path):
     judge = load_judge(tmp_path / "judge")
     meta = json.loads((tmp_path / "judge" / "training.json").read_text())
     assert meta["data_set"] == {"name": "shapes", "radius_range": list(RADIUS_RANGE)}
+    assert meta["machine"]["threads"] == torch.get_num_threads()
+    assert meta["machine"]["cpu"] and meta["machine"]["torch"] == torch.__version__
     images, _ = ProceduralShapes(6, image_size=32).batch(range(6))
     assert judge.predict(images).shape == (6,)
 

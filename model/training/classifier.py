@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import ProceduralShapes, batches, data_set_meta
-from .loop import lr_at, progress, set_lr
+from .loop import lr_at, machine_meta, progress, set_lr
 
 
 @dataclass
@@ -133,6 +133,7 @@ def train_judge(
         "batch_size": batch_size,
         "seed": seed,
         "data_set": data_set_meta("shapes"),
+        "machine": machine_meta(),
     }
     (Path(out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
     if not quiet:

@@ -35,7 +35,15 @@ from ..sit import GeneratorConfig, SiT
 from ..tokenizer import SoftVQTokenizer
 from .data import data_set_meta, open_source
 from .ema import EMA
-from .loop import load_checkpoint, lr_at, make_optimizer, progress, save_checkpoint, set_lr
+from .loop import (
+    load_checkpoint,
+    lr_at,
+    machine_meta,
+    make_optimizer,
+    progress,
+    save_checkpoint,
+    set_lr,
+)
 from .teacher import alignment_loss, load_teacher, pool_to, projector
 
 
@@ -252,6 +260,7 @@ def train_generator(
             "classes": list(source.classes),
             "data_set": data_set_meta(cfg.data),
             "last_session_seconds": round(time.time() - t0, 1),
+            "machine": machine_meta(),
         }
         (Path(cfg.out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
         if not quiet:

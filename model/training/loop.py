@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import threading
 import time
 from pathlib import Path
@@ -22,6 +23,29 @@ def set_threads(threads: int | None) -> None:
     if threads is None:
         threads = min(2, len(os.sched_getaffinity(0)))
     torch.set_num_threads(max(1, int(threads)))
+
+
+def machine_meta() -> dict:
+    """Where a model was trained, for its training.json. The same recipe and seed give the
+    same bits only on the same CPU kind and thread count (docs/DEMO_MODELS.md, twentieth and
+    twenty-first passes: one run on an AMD EPYC made a weaker tokenizer than the Intel Xeon
+    runs), so a model that does not reproduce can be traced to the machine that made it."""
+    return {
+        "cpu": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _alive(pid: int) -> bool:

@@ -33,7 +33,15 @@ from ..sit import sincos_2d
 from ..vit import VisionTransformer
 from .data import batches, data_set_meta, open_source
 from .ema import EMA
-from .loop import load_checkpoint, lr_at, make_optimizer, progress, save_checkpoint, set_lr
+from .loop import (
+    load_checkpoint,
+    lr_at,
+    machine_meta,
+    make_optimizer,
+    progress,
+    save_checkpoint,
+    set_lr,
+)
 
 ARCHS = ("vit", "cnn")
 # Stream offset: the teacher never draws the judge's training images (seed + 7919) nor
@@ -346,6 +354,7 @@ def train_teacher(cfg: TeacherTrainConfig, quiet: bool = False, stop_after: int 
             "trained_with": dataclasses.asdict(cfg),
             "data_set": data_set_meta(cfg.data),
             "held_out_accuracy": acc,
+            "machine": machine_meta(),
         }
         save_teacher(ema.model, cfg.out, meta)
         if not quiet:

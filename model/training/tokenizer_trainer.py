@@ -38,6 +38,7 @@ from .ema import EMA
 from .loop import (
     load_checkpoint,
     lr_at,
+    machine_meta,
     make_optimizer,
     progress,
     save_checkpoint,
@@ -305,6 +306,7 @@ def finish(cfg: TokenizerTrainConfig, tok: SoftVQTokenizer, source, seconds: flo
         "classes": list(source.classes),
         "data_set": data_set_meta(cfg.data),
         "last_session_seconds": round(seconds, 1),
+        "machine": machine_meta(),
     }
     (Path(cfg.out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
     if not quiet:
