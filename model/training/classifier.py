@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import ProceduralShapes, batches, data_set_meta
-from .loop import lr_at, machine_meta, progress, set_lr
+from .loop import lr_at, progress, set_lr, write_training_json
 
 
 @dataclass
@@ -133,9 +133,8 @@ def train_judge(
         "batch_size": batch_size,
         "seed": seed,
         "data_set": data_set_meta("shapes"),
-        "machine": machine_meta(),
     }
-    (Path(out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_training_json(out, meta)
     if not quiet:
         print(f"judge: held-out accuracy {acc:.4f}")
     return acc

@@ -38,11 +38,11 @@ from .ema import EMA
 from .loop import (
     load_checkpoint,
     lr_at,
-    machine_meta,
     make_optimizer,
     progress,
     save_checkpoint,
     set_lr,
+    write_training_json,
 )
 from .teacher import alignment_loss, load_teacher, pool_to, projector
 
@@ -260,9 +260,8 @@ def train_generator(
             "classes": list(source.classes),
             "data_set": data_set_meta(cfg.data),
             "last_session_seconds": round(time.time() - t0, 1),
-            "machine": machine_meta(),
         }
-        (Path(cfg.out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+        write_training_json(cfg.out, meta)
         if not quiet:
             print(f"saved {cfg.out}")
     return history

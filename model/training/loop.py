@@ -25,8 +25,14 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
+def write_training_json(out: str | Path, meta: dict) -> None:
+    """A finished model's training.json: ``meta`` and the machine that made it."""
+    meta = {**meta, "machine": machine_meta()}
+    (Path(out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
 def machine_meta() -> dict:
-    """Where a model was trained, for its training.json. The same recipe and seed give the
+    """Where a model was trained (training.json's "machine"). The same recipe and seed give the
     same bits only on the same CPU kind and thread count (docs/DEMO_MODELS.md, twentieth and
     twenty-first passes: one run on an AMD EPYC made a weaker tokenizer than the Intel Xeon
     runs), so a model that does not reproduce can be traced to the machine that made it."""

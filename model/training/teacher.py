@@ -36,11 +36,11 @@ from .ema import EMA
 from .loop import (
     load_checkpoint,
     lr_at,
-    machine_meta,
     make_optimizer,
     progress,
     save_checkpoint,
     set_lr,
+    write_training_json,
 )
 
 ARCHS = ("vit", "cnn")
@@ -224,7 +224,7 @@ def save_teacher(teacher: Teacher, path: str | Path, meta: dict | None = None) -
     state = {k: v.detach().float().contiguous() for k, v in teacher.state_dict().items()}
     save_file(state, str(path / "model.safetensors"))
     if meta is not None:
-        (path / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+        write_training_json(path, meta)
 
 
 def load_teacher(path: str | Path) -> Teacher:
@@ -354,7 +354,6 @@ def train_teacher(cfg: TeacherTrainConfig, quiet: bool = False, stop_after: int 
             "trained_with": dataclasses.asdict(cfg),
             "data_set": data_set_meta(cfg.data),
             "held_out_accuracy": acc,
-            "machine": machine_meta(),
         }
         save_teacher(ema.model, cfg.out, meta)
         if not quiet:

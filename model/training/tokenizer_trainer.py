@@ -22,7 +22,6 @@ vq_mean / vq_std are measured on training images and stored in the saved config.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +37,11 @@ from .ema import EMA
 from .loop import (
     load_checkpoint,
     lr_at,
-    machine_meta,
     make_optimizer,
     progress,
     save_checkpoint,
     set_lr,
+    write_training_json,
 )
 from .teacher import (
     alignment_loss,
@@ -306,8 +305,7 @@ def finish(cfg: TokenizerTrainConfig, tok: SoftVQTokenizer, source, seconds: flo
         "classes": list(source.classes),
         "data_set": data_set_meta(cfg.data),
         "last_session_seconds": round(seconds, 1),
-        "machine": machine_meta(),
     }
-    (Path(cfg.out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+    write_training_json(cfg.out, meta)
     if not quiet:
         print(f"saved {cfg.out} (vq_mean {mean:.5f}, vq_std {std:.5f})")
