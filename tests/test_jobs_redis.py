@@ -194,7 +194,9 @@ def test_a_replica_that_dies_mid_job_is_reported_by_the_others_within_its_lease(
     not at the job's deadline (an hour) nor when the worker is done; and the worker drops the
     job instead of finishing an image nobody can receive."""
     base3 = cluster.start_api("api3", SOFTVQ_JOB_RUNNER_LEASE_S="1")
-    steps = min(long_steps * 4, 200_000)  # ~12 s of sampling: far longer than the lease
+    # ~60 s of sampling, far longer than the lease: the worker drops the job a second or two
+    # after the kill, so only a failing run pays for the length.
+    steps = min(long_steps * 20, 200_000)
     made = worker_count(cluster, "softvq_images_processed_total", model="sit-tiny", task="generate")
     body = {"class_labels": [2], "seed": 5, "steps": steps}
     r = httpx.post(f"{base3}/jobs", json={"task": "generate", "input": body})
