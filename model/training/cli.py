@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -298,6 +299,9 @@ def _train_demo(args) -> int:
 
     set_threads(args.threads)
     out_dir = Path(args.out_dir) if args.out_dir else demo.DEMO_WEIGHTS_DIR
+    # SIGTERM (kill, a container or service stop) unwinds like Ctrl-C: the stages are stopped
+    # and the run's wall time is written, ready for the next run to resume.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     t0 = time.time()
     finished = train_demo(
         Path(args.work_dir),
@@ -319,6 +323,10 @@ def _train_demo(args) -> int:
         f"models in {out_dir}"
     )
     return 0
+
+
+def _exit_on_signal(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def settings_for(gen_dir: Path, args=None):

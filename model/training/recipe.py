@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -315,12 +316,38 @@ def _train_demo(work: Path, scale: float, quiet: bool, parallel: bool, cores: in
     cores = cores or len(os.sched_getaffinity(0))
     CoreShare.clear(work / "cores")
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1 + len(TOKENIZERS), mp_context=ctx) as pool:
-        judge = pool.submit(run_judge, work, scale, quiet, 1)
-        pool.submit(run_teacher, work, scale, quiet, 1).result()
-        n = len(TOKENIZERS)
-        chains = [pool.submit(run_chain, work, t, scale, quiet, cores, n) for t in TOKENIZERS]
-        finished[demo.JUDGE_CLASSIFIER] = judge.result()
-        for c in chains:
-            finished.update(c.result())
+    with ProcessPoolExecutor(
+        max_workers=1 + len(TOKENIZERS),
+        mp_context=ctx,
+        initializer=_exit_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
+        try:
+            judge = pool.submit(run_judge, work, scale, quiet, 1)
+            pool.submit(run_teacher, work, scale, quiet, 1).result()
+            n = len(TOKENIZERS)
+            chains = [pool.submit(run_chain, work, t, scale, quiet, cores, n) for t in TOKENIZERS]
+            finished[demo.JUDGE_CLASSIFIER] = judge.result()
+            for c in chains:
+                finished.update(c.result())
+        except BaseException:
+            # Stopped (SIGTERM, Ctrl-C) or a stage failed: stop the other stages now. The
+            # pool's exit would wait for them to finish (hours); the next run resumes them
+            # from their checkpoints, which are written atomically.
+            for p in multiprocessing.active_children():
+                p.terminate()
+            raise
     return finished
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: a training process leaves as soon as train-demo's main process is
+    gone, even killed with SIGKILL. An orphan would train on beside the run started next,
+    both writing the same checkpoints, each on cores the other counts as free."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()

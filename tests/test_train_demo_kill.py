@@ -1,0 +1,105 @@
+"""`softvq train-demo` killed and run again (issue #14: "resumable: kill it and run it again").
+
+The real command in a real process, the real recipe at a tiny scale: stopped with SIGTERM
+(kill, a container or service stop) and then with SIGKILL while both chains train, none of
+its training processes may live on (an orphan would train beside the next run, on the same
+checkpoints and on cores that run counts as free); the third run resumes and finishes, and
+the work directory's wall clock counts all three runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SCALE = "0.002"  # seconds per stage: enough to be killed mid-chain
+REPO = Path(__file__).resolve().parent.parent
+
+
+def children(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid`` (Linux /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(check, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start(work: Path, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "service.cli", "train-demo", "--quiet", "--scale", SCALE]
+    cmd += ["--work-dir", str(work / "run"), "--out-dir", str(work / "out"), "--threads", "2"]
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def kill_mid_chain(proc: subprocess.Popen, work: Path, sig: int) -> None:
+    """Wait until both chains hold their core leases (the tokenizers train), send ``sig`` to
+    the main process alone, and check that every training process is gone soon after."""
+    leases = work / "run" / "cores"
+
+    def both_chains() -> set[int]:
+        pids = {int(p.name) for p in leases.glob("*") if p.name.isdigit()}
+        return pids if len(pids) == 2 and all(map(running, pids)) else set()
+
+    try:
+        wait_for(both_chains, 240, "both chains to start")
+        workers = children(proc.pid)
+    except AssertionError:
+        proc.kill()
+        raise
+    assert len(workers) >= 2, workers  # the pool: judge/teacher process and the chains
+    proc.send_signal(sig)
+    code = proc.wait(60)
+    assert code == (143 if sig == signal.SIGTERM else -signal.SIGKILL), code
+    wait_for(lambda: not any(map(running, workers)), 15, f"{workers} to exit")
+
+
+@pytest.mark.timeout(900)
+def test_train_demo_killed_twice_leaves_no_orphans_and_resumes_to_the_end(tmp_path):
+    log = tmp_path / "train-demo.log"
+    try:
+        kill_mid_chain(start(tmp_path, log), tmp_path, signal.SIGTERM)
+        # SIGTERM unwinds: the run's wall time is written on the way out
+        assert json.loads((tmp_path / "run" / "wall.json").read_text())["runs"] == 1
+        kill_mid_chain(start(tmp_path, log), tmp_path, signal.SIGKILL)
+        last = start(tmp_path, log)
+        assert last.wait(600) == 0
+    except BaseException:
+        print(log.read_text()[-4000:])
+        raise
+    assert json.loads((tmp_path / "run" / "wall.json").read_text())["runs"] == 3
+    out = tmp_path / "out"
+    for name in ("judge-classifier", "softvq-demo-32", "softvq-demo-64", "sit-demo-32"):
+        assert (out / name / "model.safetensors").is_file(), name
+    assert (out / "sit-demo-64" / "model.safetensors").is_file()
+    assert "train-demo: done" in log.read_text()
+    assert not os.listdir(tmp_path / "run" / "cores")  # every lease released
