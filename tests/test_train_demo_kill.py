@@ -1,10 +1,10 @@
 """`softvq train-demo` killed and run again (issue #14: "resumable: kill it and run it again").
 
 The real command in a real process, the real recipe at a tiny scale: stopped with SIGTERM
-(kill, a container or service stop) and then with SIGKILL while both chains train, none of
-its training processes may live on (an orphan would train beside the next run, on the same
-checkpoints and on cores that run counts as free); the third run resumes and finishes, and
-the work directory's wall clock counts all three runs.
+(kill, a container or service stop), with Ctrl-C (SIGINT to its process group) and with
+SIGKILL while both chains train, none of its training processes may live on (an orphan would
+train beside the next run, on the same checkpoints and on cores that run counts as free);
+the fourth run resumes and finishes, and the work directory's wall clock counts all four.
 """
 
 from __future__ import annotations
@@ -57,13 +57,20 @@ def start(work: Path, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "service.cli", "train-demo", "--quiet", "--scale", SCALE]
     cmd += ["--work-dir", str(work / "run"), "--out-dir", str(work / "out"), "--threads", "2"]
     return subprocess.Popen(
-        cmd, cwd=REPO, stdout=log.open("a"), stderr=subprocess.STDOUT, start_new_session=True
+        cmd,
+        cwd=REPO,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, for the Ctrl-C case
+        # a shell's background job ignores SIGINT, and so would the command: not Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
-def kill_mid_chain(proc: subprocess.Popen, work: Path, sig: int) -> None:
+def kill_mid_chain(proc: subprocess.Popen, work: Path, sig: int, group: bool = False) -> None:
     """Wait until both chains hold their core leases (the tokenizers train), send ``sig`` to
-    the main process alone, and check that every training process is gone soon after."""
+    the main process alone (or, ``group``, to all of them, as a terminal's Ctrl-C does), and
+    check that every training process is gone soon after."""
     leases = work / "run" / "cores"
 
     def both_chains() -> set[int]:
@@ -77,26 +84,36 @@ def kill_mid_chain(proc: subprocess.Popen, work: Path, sig: int) -> None:
         proc.kill()
         raise
     assert len(workers) >= 2, workers  # the pool: judge/teacher process and the chains
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     code = proc.wait(60)
-    assert code == (143 if sig == signal.SIGTERM else -signal.SIGKILL), code
+    assert code == {signal.SIGTERM: 143, signal.SIGINT: 130}.get(sig, -sig), code
     wait_for(lambda: not any(map(running, workers)), 15, f"{workers} to exit")
 
 
 @pytest.mark.timeout(900)
-def test_train_demo_killed_twice_leaves_no_orphans_and_resumes_to_the_end(tmp_path):
+def test_train_demo_stopped_three_ways_leaves_no_orphans_and_resumes_to_the_end(tmp_path):
     log = tmp_path / "train-demo.log"
     try:
         kill_mid_chain(start(tmp_path, log), tmp_path, signal.SIGTERM)
-        # SIGTERM unwinds: the run's wall time is written on the way out
+        # SIGTERM unwinds: the run's wall time is written on the way out, and the user told
         assert json.loads((tmp_path / "run" / "wall.json").read_text())["runs"] == 1
+        assert "the same command resumes it" in log.read_text()
+        kill_mid_chain(start(tmp_path, log), tmp_path, signal.SIGINT, group=True)
+        graceful = log.read_text()
+        assert graceful.count("the same command resumes it") == 2, graceful
+        # stopped stages die quietly (no traceback, no semaphore reported leaked); only a
+        # SIGKILL of the main process, which cannot clean up, may leave Python's warning
+        assert "Traceback" not in graceful and "leaked" not in graceful, graceful
         kill_mid_chain(start(tmp_path, log), tmp_path, signal.SIGKILL)
         last = start(tmp_path, log)
         assert last.wait(600) == 0
     except BaseException:
         print(log.read_text()[-4000:])
         raise
-    assert json.loads((tmp_path / "run" / "wall.json").read_text())["runs"] == 3
+    assert json.loads((tmp_path / "run" / "wall.json").read_text())["runs"] == 4
     out = tmp_path / "out"
     for name in ("judge-classifier", "softvq-demo-32", "softvq-demo-64", "sit-demo-32"):
         assert (out / name / "model.safetensors").is_file(), name

@@ -303,25 +303,34 @@ def _train_demo(args) -> int:
     # and the run's wall time is written, ready for the next run to resume.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     t0 = time.time()
-    finished = train_demo(
-        Path(args.work_dir),
-        scale=args.scale,
-        quiet=args.quiet,
-        parallel=not args.sequential,
-        cores=args.threads,
-    )
+    stopped = None
+    try:
+        finished = train_demo(
+            Path(args.work_dir),
+            scale=args.scale,
+            quiet=args.quiet,
+            parallel=not args.sequential,
+            cores=args.threads,
+        )
+    except KeyboardInterrupt:
+        stopped = 130
+    except SystemExit as e:
+        stopped = e.code
+    wall = json.loads((Path(args.work_dir) / WALL_CLOCK).read_text())
+    so_far = f"{wall['seconds'] / 60:.1f} min over {wall['runs']} run(s) in {args.work_dir}"
+    if stopped is not None:
+        print(
+            f"\ntrain-demo: stopped after {(time.time() - t0) / 60:.1f} min ({so_far}); "
+            "the same command resumes it"
+        )
+        return stopped
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, path in finished.items():
         dest = out_dir / name
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(path, dest)
-    wall = json.loads((Path(args.work_dir) / WALL_CLOCK).read_text())
-    print(
-        f"train-demo: done in {(time.time() - t0) / 60:.1f} min "
-        f"({wall['seconds'] / 60:.1f} min over {wall['runs']} run(s) in {args.work_dir}); "
-        f"models in {out_dir}"
-    )
+    print(f"train-demo: done in {(time.time() - t0) / 60:.1f} min ({so_far}); models in {out_dir}")
     return 0
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .. import demo
 from .classifier import train_judge
@@ -343,7 +344,12 @@ def _train_demo(work: Path, scale: float, quiet: bool, parallel: bool, cores: in
 def _exit_with_parent(parent: int) -> None:
     """Pool initializer: a training process leaves as soon as train-demo's main process is
     gone, even killed with SIGKILL. An orphan would train on beside the run started next,
-    both writing the same checkpoints, each on cores the other counts as free."""
+    both writing the same checkpoints, each on cores the other counts as free.
+
+    The progress bars take a thread lock instead of tqdm's default multiprocessing one: a
+    stage stopped by ``terminate`` cannot release a named semaphore, and Python would
+    report it leaked when train-demo exits."""
+    tqdm.set_lock(threading.RLock())
 
     def watch() -> None:
         while os.getppid() == parent:
