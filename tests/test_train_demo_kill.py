@@ -14,10 +14,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.jobs_client import wait_until
 
 SCALE = "0.002"  # seconds per stage: enough to be killed mid-chain
 REPO = Path(__file__).resolve().parent.parent
@@ -41,16 +42,6 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def wait_for(check, timeout: float, what: str):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start(work: Path, log: Path) -> subprocess.Popen:
@@ -78,7 +69,7 @@ def kill_mid_chain(proc: subprocess.Popen, work: Path, sig: int, group: bool = F
         return pids if len(pids) == 2 and all(map(running, pids)) else set()
 
     try:
-        wait_for(both_chains, 240, "both chains to start")
+        wait_until(both_chains, 240, "both chains to start")
         workers = children(proc.pid)
     except AssertionError:
         proc.kill()
@@ -90,7 +81,7 @@ def kill_mid_chain(proc: subprocess.Popen, work: Path, sig: int, group: bool = F
         proc.send_signal(sig)
     code = proc.wait(60)
     assert code == {signal.SIGTERM: 143, signal.SIGINT: 130}.get(sig, -sig), code
-    wait_for(lambda: not any(map(running, workers)), 15, f"{workers} to exit")
+    wait_until(lambda: not any(map(running, workers)), 15, f"{workers} to exit")
 
 
 @pytest.mark.timeout(900)
