@@ -32,9 +32,9 @@ PSNR_BAR = {"softvq-demo-64": 26.0, "softvq-demo-32": 24.0}
 GENERATION_BAR = {"sit-demo-64": 0.85, "sit-demo-32": 0.75}
 
 # The bundled weights reach every bar (30.7 / 30.7 dB, 94.0 / 91.4 % of reconstructions judged,
-# 500 held-out images; generated images judged 87.0 % / 75.0 % of 200 since sit-demo-64 became
-# 128 x 8 in the nineteenth pass; docs/DEMO_MODELS.md). Retrained weights that fall below a bar
-# turn these tests red.
+# 500 held-out images; generated images judged 87.0 % / 86.0 % of 200 since sit-demo-64 became
+# 128 x 8 and sit-demo-32 128 x 6 in the nineteenth and twentieth passes; docs/DEMO_MODELS.md).
+# Retrained weights that fall below a bar turn these tests red.
 
 
 @pytest.fixture(autouse=True, scope="module")
