@@ -144,7 +144,11 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train_demo)
 
-    p = sub.add_parser("evaluate-demo", help="quality numbers and grid of the demo models")
+    p = sub.add_parser(
+        "evaluate-demo",
+        help="quality numbers and grid of the demo models, against issue #14's bars "
+        "(exit status 1 when a pair misses one)",
+    )
     p.add_argument("--weights-dir", default=None, help="default: the bundled demo_weights")
     p.add_argument("--psnr-images", type=int, default=500)
     p.add_argument("--per-class", type=int, default=20, help="generated images per class")
@@ -331,6 +335,7 @@ def _train_demo(args) -> int:
             shutil.rmtree(dest)
         shutil.copytree(path, dest)
     print(f"train-demo: done in {(time.time() - t0) / 60:.1f} min ({so_far}); models in {out_dir}")
+    print(f"read them against the bars: softvq evaluate-demo --weights-dir {out_dir}")
     return 0
 
 
@@ -358,10 +363,12 @@ def _evaluate_demo(args) -> int:
     from ..loading import load_generator, load_tokenizer
     from .classifier import load_judge
     from .evaluate import (
+        DEMO_BARS,
         GenerationSettings,
         accuracy_from_noised_latents,
         class_grid,
         evaluate_pair,
+        missed_bars,
     )
 
     set_threads(args.threads)
@@ -384,6 +391,12 @@ def _evaluate_demo(args) -> int:
             f"diversity ratio {r['diversity_ratio_mean']:.3f} "
             f"(min {r['diversity_ratio_min']:.3f})"
         )
+        r["missed_bars"] = missed_bars(r, DEMO_BARS[tok_name])
+        print(
+            "  below the bar: " + "; ".join(r["missed_bars"])
+            if r["missed_bars"]
+            else "  every bar met (issue #14)"
+        )
         if args.noised:
             fast = GenerationSettings(
                 steps=settings.steps, sampler="euler", cfg_scale=settings.cfg_scale
@@ -405,4 +418,6 @@ def _evaluate_demo(args) -> int:
         print(f"grid: {args.grid}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
-    return 0
+    # A retrained pair that misses a bar fails the command, so a script can stop before
+    # copying it over the bundle.
+    return 1 if any(r["missed_bars"] for r in results.values()) else 0

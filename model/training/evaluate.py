@@ -24,6 +24,45 @@ from .data import ProceduralShapes
 HELD_OUT_SEED = 1_000_000  # the demo models train on seed 0
 
 
+@dataclass(frozen=True)
+class QualityBars:
+    """What a tokenizer / generator pair must reach (issue #14's bars for the demo models)."""
+
+    psnr: float  # dB, mean over held-out reconstructions
+    reconstruction_accuracy: float  # judged share of those reconstructions
+    accuracy: float  # judged share of generated images, with the generator's defaults
+    diversity_min: float = 0.8  # the lowest class's diversity ratio (about 1 = as varied as data)
+
+
+# Per tokenizer of the bundled pairs. tests/test_demo_quality.py holds the bundle to them on
+# small samples; `softvq evaluate-demo` reads full-size numbers against them.
+DEMO_BARS = {
+    "softvq-demo-64": QualityBars(psnr=26.0, reconstruction_accuracy=0.90, accuracy=0.85),
+    "softvq-demo-32": QualityBars(psnr=24.0, reconstruction_accuracy=0.85, accuracy=0.75),
+}
+
+
+def missed_bars(result: dict, bars: QualityBars) -> list[str]:
+    """The bars an ``evaluate_pair`` result falls below, each as "what value < bar"."""
+    checks = [
+        ("PSNR", result["psnr_mean"], bars.psnr, "{:.2f} dB"),
+        (
+            "judged reconstructions",
+            result["reconstruction_accuracy"],
+            bars.reconstruction_accuracy,
+            "{:.1%}",
+        ),
+        ("judged generated images", result["accuracy"], bars.accuracy, "{:.1%}"),
+        ("lowest class diversity", result["diversity_ratio_min"], bars.diversity_min, "{:.2f}"),
+    ]
+    # Rounded first: shares are float32 means (170 / 200 comes out as 0.84999996).
+    return [
+        f"{what} {fmt.format(value)} < {fmt.format(bar)}"
+        for what, value, bar, fmt in checks
+        if round(value, 6) < bar
+    ]
+
+
 @dataclass
 class GenerationSettings:
     steps: int = 25
