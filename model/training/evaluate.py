@@ -55,7 +55,7 @@ def missed_bars(result: dict, bars: QualityBars) -> list[str]:
         ("judged generated images", result["accuracy"], bars.accuracy, "{:.1%}"),
         ("lowest class diversity", result["diversity_ratio_min"], bars.diversity_min, "{:.2f}"),
     ]
-    # Rounded first: shares are float32 means (170 / 200 comes out as 0.84999996).
+    # Rounded first: shares are float32 means (190 / 200 comes out as 0.94999999).
     return [
         f"{what} {fmt.format(value)} < {fmt.format(bar)}"
         for what, value, bar, fmt in checks
