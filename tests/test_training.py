@@ -4,6 +4,8 @@ the CLI trains on a user's folder of class sub-folders."""
 from __future__ import annotations
 
 import json
+import platform
+import re
 import statistics
 
 import pytest
@@ -85,6 +87,13 @@ def test_tokenizer_resumes_exactly_and_stores_latent_stats(tmp_path):
     images, _ = data.batch(range(40))
     z = tok.encode(images)
     assert float(z.std()) == pytest.approx(std, rel=1e-3)
+
+    # where it was trained, down to what tells two "AMD EPYC" machines apart
+    machine = json.loads((tmp_path / "a" / "training.json").read_text())["machine"]
+    assert machine["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
+    if platform.machine() == "x86_64":  # other CPUs' /proc/cpuinfo names other fields
+        assert re.fullmatch(r"\d+/\d+", machine["cpu_family_model"]), machine
+    assert machine["cpu"] and machine["threads"] == torch.get_num_threads()
 
 
 @pytest.fixture(scope="module")

@@ -36,22 +36,32 @@ def machine_meta() -> dict:
     same bits only on the same CPU kind and thread count (docs/DEMO_MODELS.md, twentieth and
     twenty-first passes: one run on an AMD EPYC made a weaker tokenizer than the Intel Xeon
     runs), so a model that does not reproduce can be traced to the machine that made it."""
+    cpuinfo = _cpuinfo()
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpuinfo.get("model name") or platform.processor() or platform.machine(),
+        # A virtual machine's model name can hide the generation ("AMD EPYC" is Zen 3 or
+        # Zen 4, AVX2 or AVX-512 kernels): family / model and the kernel level torch picked
+        # tell two such machines apart (docs/DEMO_MODELS.md, twenty-fourth pass).
+        "cpu_family_model": "/".join(cpuinfo.get(k, "?") for k in ("cpu family", "model")),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
 
 
-def _cpu_model() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
 
 
 def _alive(pid: int) -> bool:
