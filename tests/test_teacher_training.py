@@ -266,6 +266,13 @@ def test_train_demo_trains_the_teacher_first_when_the_recipe_uses_it(tmp_path, m
     # every model records the machine that made it (float results differ between CPUs)
     for name in ("teacher", "judge-classifier", "softvq-demo-64", "sit-demo-64"):
         machine = json.loads((tmp_path / name / "training.json").read_text())["machine"]
-        assert set(machine) == {"cpu", "threads", "torch", "python"}
+        assert set(machine) == {
+            "cpu",
+            "cpu_family_model",
+            "cpu_kernels",
+            "threads",
+            "torch",
+            "python",
+        }
         assert machine["cpu"] and machine["threads"] >= 1
     model.load_generator(tmp_path / "sit-demo-64")
