@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data import ProceduralShapes, batches, data_set_meta
-from .loop import lr_at, progress, set_lr, write_training_json
+from .loop import lr_at, progress, set_lr, training_device, write_training_json
 
 
 @dataclass
@@ -102,18 +102,21 @@ def train_judge(
     image_size: int = 64,
     seed: int = 0,
     quiet: bool = False,
+    device: str | torch.device = "cpu",
 ) -> float:
     """Train on the built-in set (fresh images every step), save, and return the accuracy on
-    1000 held-out images (another seed)."""
+    1000 held-out images (another seed). ``device``: see ``loop.training_device``."""
+    device = training_device(device)
     torch.manual_seed(seed)
     train = ProceduralShapes(steps * batch_size, seed=seed + 7919, image_size=image_size)
-    judge = Judge(ClassifierConfig.for_size(len(train.classes), image_size))
+    judge = Judge(ClassifierConfig.for_size(len(train.classes), image_size)).to(device)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     judge.train()
     bar = progress(steps, 0, "judge classifier", quiet)
     data = batches(train, batch_size, seed)
     for step in range(steps):
         images, labels = next(data)
+        images, labels = images.to(device), labels.to(device)
         set_lr(opt, lr_at(step, steps, lr, warmup=50, final_fraction=0.02))
         loss = F.cross_entropy(judge(images), labels)
         opt.zero_grad(set_to_none=True)
@@ -122,7 +125,7 @@ def train_judge(
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
-    judge.eval()
+    judge.cpu().eval()  # released, and read, on the CPU
     held_out = ProceduralShapes(1000, seed=seed + 104729, image_size=image_size)
     images, labels = held_out.batch(range(1000))
     acc = float((judge.predict(images) == labels).float().mean())
@@ -134,7 +137,7 @@ def train_judge(
         "seed": seed,
         "data_set": data_set_meta("shapes"),
     }
-    write_training_json(out, meta)
+    write_training_json(out, meta, device)
     if not quiet:
         print(f"judge: held-out accuracy {acc:.4f}")
     return acc

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..usage import UsageError
-from .loop import set_threads
+from .loop import set_threads, training_device
 
 
 def register(sub) -> None:
@@ -141,6 +141,7 @@ def register(sub) -> None:
         help="one process, stage after stage (default: teacher / judge, then the two chains "
         "side by side, dividing the cores)",
     )
+    _device_arg(p)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_train_demo)
 
@@ -168,6 +169,14 @@ def register(sub) -> None:
     p.set_defaults(func=_evaluate_demo)
 
 
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda or cuda:N (default auto: the GPU when torch sees one, else the CPU)",
+    )
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
@@ -179,6 +188,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", default=None, help="checkpoint file (default: <out>.ckpt.pt)")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: <= 2)")
+    _device_arg(p)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -209,7 +219,7 @@ def _train_teacher(args) -> int:
         ckpt=args.ckpt,
         ckpt_every=args.ckpt_every,
     )
-    train_teacher(cfg, quiet=args.quiet)
+    train_teacher(cfg, quiet=args.quiet, device=training_device(args.device))
     return 0
 
 
@@ -259,7 +269,7 @@ def _train_tokenizer(args) -> int:
         ckpt=args.ckpt,
         ckpt_every=args.ckpt_every,
     )
-    train_tokenizer(cfg, quiet=args.quiet)
+    train_tokenizer(cfg, quiet=args.quiet, device=training_device(args.device))
     return 0
 
 
@@ -293,7 +303,7 @@ def _train_generator(args) -> int:
         ckpt=args.ckpt,
         ckpt_every=args.ckpt_every,
     )
-    train_generator(cfg, quiet=args.quiet)
+    train_generator(cfg, quiet=args.quiet, device=training_device(args.device))
     return 0
 
 
@@ -302,6 +312,7 @@ def _train_demo(args) -> int:
     from .recipe import WALL_CLOCK, train_demo
 
     set_threads(args.threads)
+    device = str(training_device(args.device))
     out_dir = Path(args.out_dir) if args.out_dir else demo.DEMO_WEIGHTS_DIR
     # SIGTERM (kill, a container or service stop) unwinds like Ctrl-C: the stages are stopped
     # and the run's wall time is written, ready for the next run to resume.
@@ -315,6 +326,7 @@ def _train_demo(args) -> int:
             quiet=args.quiet,
             parallel=not args.sequential,
             cores=args.threads,
+            device=device,
         )
     except KeyboardInterrupt:
         stopped = 130
@@ -334,7 +346,10 @@ def _train_demo(args) -> int:
         if dest.exists():
             shutil.rmtree(dest)
         shutil.copytree(path, dest)
-    print(f"train-demo: done in {(time.time() - t0) / 60:.1f} min ({so_far}); models in {out_dir}")
+    print(
+        f"train-demo: done on {device} in {(time.time() - t0) / 60:.1f} min ({so_far}); "
+        f"models in {out_dir}"
+    )
     print(f"read them against the bars: softvq evaluate-demo --weights-dir {out_dir}")
     return 0
 

@@ -42,6 +42,7 @@ from .loop import (
     progress,
     save_checkpoint,
     set_lr,
+    training_device,
     write_training_json,
 )
 from .teacher import alignment_loss, load_teacher, pool_to, projector
@@ -85,12 +86,14 @@ class GeneratorTrainConfig:
 
 @torch.no_grad()
 def encode_dataset(tok: SoftVQTokenizer, dataset, batch_size: int = 100, quiet: bool = False):
-    """All images -> normalised latents (N, L, D) float32 and labels (N,)."""
+    """All images -> normalised latents (N, L, D) float32 and labels (N,), on the CPU
+    (encoded wherever ``tok`` is)."""
+    device = next(tok.parameters()).device
     xs, ys = [], []
     bar = progress(len(dataset), 0, "encoding latents", quiet)
     for start in range(0, len(dataset), batch_size):
         images, labels = dataset.batch(range(start, min(len(dataset), start + batch_size)))
-        xs.append((tok.encode(images) - tok.vq_mean) / tok.vq_std)
+        xs.append(((tok.encode(images.to(device)) - tok.vq_mean) / tok.vq_std).cpu())
         ys.append(labels)
         bar.update(len(labels))
     bar.close()
@@ -100,13 +103,13 @@ def encode_dataset(tok: SoftVQTokenizer, dataset, batch_size: int = 100, quiet: 
 TIME_DISTS = ("lognormal", "uniform")
 
 
-def sample_time(batch: int, dist: str = "lognormal") -> torch.Tensor:
+def sample_time(batch: int, dist: str = "lognormal", device=None) -> torch.Tensor:
     """Training times in (0, 1). "lognormal": t = sigmoid(n), n ~ N(0, 1) (i.e. t = s / (1 + s),
     s = exp(n)), which puts few samples near t = 1; "uniform": SiT's default."""
     if dist == "lognormal":
-        return torch.sigmoid(torch.randn(batch))
+        return torch.sigmoid(torch.randn(batch, device=device))
     if dist == "uniform":
-        return torch.rand(batch)
+        return torch.rand(batch, device=device)
     raise ValueError(f"unknown time distribution {dist!r}; expected one of {TIME_DISTS}")
 
 
@@ -115,7 +118,7 @@ def flow_matching_loss(
 ) -> torch.Tensor:
     """x0 (B, L, D) normalised latents, y (B,) labels -> MSE to the velocity eps - x0."""
     B = x0.shape[0]
-    t = sample_time(B, time_dist)
+    t = sample_time(B, time_dist, x0.device)
     eps = torch.randn_like(x0)
     tb = t[:, None, None]
     x_t = (1 - tb) * x0 + tb * eps
@@ -150,12 +153,14 @@ def generator_loss(gen: SiT, x0, y, target=None, cfg=None):
 
 @torch.no_grad()
 def teacher_targets(teacher, dataset, num_tokens: int, batch_size: int = 100, quiet=False):
-    """The teacher's patch features of every training image, pooled to (N, L, C)."""
+    """The teacher's patch features of every training image, pooled to (N, L, C), on the CPU
+    (computed wherever ``teacher`` is)."""
+    device = next(teacher.parameters()).device
     out = []
     bar = progress(len(dataset), 0, "teacher features", quiet)
     for start in range(0, len(dataset), batch_size):
         images, _ = dataset.batch(range(start, min(len(dataset), start + batch_size)))
-        out.append(pool_to(teacher.patch_features(images), num_tokens))
+        out.append(pool_to(teacher.patch_features(images.to(device)), num_tokens).cpu())
         bar.update(len(images))
     bar.close()
     return torch.cat(out)
@@ -166,11 +171,14 @@ def train_generator(
     quiet: bool = False,
     stop_after: int | None = None,
     on_step: Callable[[], None] | None = None,
+    device: str | torch.device = "cpu",
 ):
     """Train (or resume) and save the EMA generator to ``cfg.out``; returns [(step, loss)].
-    ``on_step`` is called after every step (train-demo: ``CoreShare.rebalance``)."""
+    ``on_step`` is called after every step (train-demo: ``CoreShare.rebalance``); ``device``:
+    see ``loop.training_device``."""
+    device = training_device(device)
     torch.manual_seed(cfg.seed)
-    tok = load_tokenizer(cfg.tokenizer)
+    tok = load_tokenizer(cfg.tokenizer).to(device)
     source = open_source(cfg.data, tok.image_size, size=cfg.train_size, seed=cfg.seed)
     cache = cfg.latents_path()
     if cache.is_file():
@@ -185,7 +193,7 @@ def train_generator(
     if cfg.repa_weight:
         if not cfg.teacher:
             raise ValueError("repa_weight needs a teacher directory")
-        teacher = load_teacher(cfg.teacher)
+        teacher = load_teacher(cfg.teacher).to(device)
         if teacher.config.image_size != source.image_size:
             raise ValueError("the teacher was trained on another image size")
         targets = teacher_targets(teacher, source.dataset, latents.shape[1], quiet=quiet)
@@ -209,7 +217,10 @@ def train_generator(
     if targets is not None:
         repa_block_index(cfg, cfg.depth)
         gen.projection = projector(cfg.hidden_size, cfg.repa_proj_dim, targets.shape[-1])
-    gen.train()
+        targets = targets.to(device)
+    # Initialised on the CPU (the same draws anywhere); the training set lives on the device.
+    gen.to(device).train()
+    latents, labels = latents.to(device), labels.to(device)
     ema = EMA(gen, cfg.ema_decay)
     opt = make_optimizer(gen, cfg.lr, cfg.weight_decay)
     ckpt = cfg.checkpoint_path()
@@ -226,7 +237,7 @@ def train_generator(
     while step < end:
         # The batch order depends only on (seed, step), so a resumed run sees the same data.
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=g)
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=g).to(device)
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
         target = None if targets is None else targets[idx]
         loss, parts = generator_loss(gen, latents[idx], labels[idx], target, cfg)
@@ -245,7 +256,7 @@ def train_generator(
             save_checkpoint(ckpt, step, gen, ema, opt, {"history": history})
     bar.close()
     if step >= cfg.steps:
-        release = ema.model
+        release = ema.model.cpu()
         if hasattr(release, "projection"):  # the REPA head is training-only
             del release.projection
         save_generator(release, cfg.out)
@@ -261,7 +272,7 @@ def train_generator(
             "data_set": data_set_meta(cfg.data),
             "last_session_seconds": round(time.time() - t0, 1),
         }
-        write_training_json(cfg.out, meta)
+        write_training_json(cfg.out, meta, device)
         if not quiet:
             print(f"saved {cfg.out}")
     return history

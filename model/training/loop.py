@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..usage import UsageError
 from .ema import EMA
 
 
@@ -25,13 +26,32 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
-def write_training_json(out: str | Path, meta: dict) -> None:
+def training_device(name: str | torch.device | None = "cpu") -> torch.device:
+    """Where a trainer runs. "auto" (the command line's default) takes the GPU when torch sees
+    one and the CPU otherwise; "cpu", "cuda" or "cuda:1" ask for one. The recipe's models are
+    small, so a GPU step is bound by kernel launches, not arithmetic: it is the same training,
+    a few dozen times faster than two CPU cores (README, "Retraining them"), not the same bits.
+    """
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UsageError(f"--device {name}: not a device torch knows ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: torch sees no CUDA GPU here (use cpu or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: training runs on cpu or cuda")
+    return device
+
+
+def write_training_json(out: str | Path, meta: dict, device: torch.device | None = None) -> None:
     """A finished model's training.json: ``meta`` and the machine that made it."""
-    meta = {**meta, "machine": machine_meta()}
+    meta = {**meta, "machine": machine_meta(device)}
     (Path(out) / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def machine_meta() -> dict:
+def machine_meta(device: torch.device | None = None) -> dict:
     """Where a model was trained (training.json's "machine"). The same recipe and seed give the
     same bits only on the same CPU kind and thread count (docs/DEMO_MODELS.md, twentieth and
     twenty-first passes: one run on an AMD EPYC made a weaker tokenizer than the Intel Xeon
@@ -47,7 +67,16 @@ def machine_meta() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        **_accelerator(device),
     }
+
+
+def _accelerator(device: torch.device | None) -> dict:
+    """training.json's "device" (and the GPU's name) where a model was not trained on the CPU;
+    nothing for a CPU run, so CPU runs' files stay as they were."""
+    if device is None or device.type == "cpu":
+        return {}
+    return {"device": str(device), "gpu": torch.cuda.get_device_name(device)}
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -221,6 +250,9 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, ema: EMA, opt, extr
         "torch_rng": torch.get_rng_state(),
         "extra": extra,
     }
+    device = _device_of(model)
+    if device.type == "cuda":  # the GPU's own generator draws the noise there
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -233,7 +265,14 @@ def load_checkpoint(path: Path, model: nn.Module, ema: EMA, opt) -> tuple[int, d
     ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["opt"])
     torch.set_rng_state(state["torch_rng"])
+    device = _device_of(model)
+    if device.type == "cuda" and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     return int(state["step"]), state["extra"]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def progress(total: int, start: int, desc: str, quiet: bool = False) -> tqdm:

@@ -175,16 +175,22 @@ def _steps(n: int, scale: float) -> int:
 # different teachers). Only the generators, the last stages, take cores as they free up.
 
 
-def run_judge(work: Path, scale: float, quiet: bool, threads: int) -> Path:
+def run_judge(work: Path, scale: float, quiet: bool, threads: int, device: str = "cpu") -> Path:
     torch.set_num_threads(threads)
     out = work / demo.JUDGE_CLASSIFIER
     if not _done(out):
         steps = _steps(JUDGE_STEPS, scale)
-        _timed(work, out.name, lambda: train_judge(out, steps, image_size=IMAGE_SIZE, quiet=quiet))
+        _timed(
+            work,
+            out.name,
+            lambda: train_judge(out, steps, image_size=IMAGE_SIZE, quiet=quiet, device=device),
+        )
     return out
 
 
-def run_teacher(work: Path, scale: float, quiet: bool, threads: int) -> Path | None:
+def run_teacher(
+    work: Path, scale: float, quiet: bool, threads: int, device: str = "cpu"
+) -> Path | None:
     """The frozen teacher, when any loss of the recipe uses it (not bundled)."""
     if not uses_teacher():
         return None
@@ -199,7 +205,7 @@ def run_teacher(work: Path, scale: float, quiet: bool, threads: int) -> Path | N
             image_size=IMAGE_SIZE,
             **TEACHER,
         )
-        _timed(work, "teacher", lambda: train_teacher(cfg, quiet=quiet))
+        _timed(work, "teacher", lambda: train_teacher(cfg, quiet=quiet, device=device))
     return out
 
 
@@ -249,11 +255,17 @@ def generator_config(work: Path, gen_name: str, scale: float = 1.0) -> Generator
 
 
 def run_chain(
-    work: Path, tok_name: str, scale: float, quiet: bool, cores: int, chains: int = 1
+    work: Path,
+    tok_name: str,
+    scale: float,
+    quiet: bool,
+    cores: int,
+    chains: int = 1,
+    device: str = "cpu",
 ) -> dict:
     """Tokenizer (on ``cores // chains`` threads, ``chains`` running side by side), then the
     generator on its latents, on this process's share of ``cores``, which grows as the other
-    processes finish."""
+    processes finish (on a GPU the threads only feed it)."""
     tok_dir = work / tok_name
     gen_name = next(g for g, t in demo.DEMO_GENERATORS.items() if t == tok_name)
     gen_dir = work / gen_name
@@ -262,13 +274,15 @@ def run_chain(
         if not _done(tok_dir):
             torch.set_num_threads(max(1, cores // chains))
             tok_cfg = tokenizer_config(work, tok_name, scale)
-            _timed(work, tok_name, lambda: train_tokenizer(tok_cfg, quiet=quiet))
+            _timed(work, tok_name, lambda: train_tokenizer(tok_cfg, quiet=quiet, device=device))
         if not _done(gen_dir):
             gen_cfg = generator_config(work, gen_name, scale)
             _timed(
                 work,
                 gen_name,
-                lambda: train_generator(gen_cfg, quiet=quiet, on_step=share.rebalance),
+                lambda: train_generator(
+                    gen_cfg, quiet=quiet, on_step=share.rebalance, device=device
+                ),
             )
     set_sampling(gen_dir, GENERATOR_SAMPLING.get(gen_name))
     return {tok_name: tok_dir, gen_name: gen_dir}
@@ -292,9 +306,11 @@ def train_demo(
     quiet: bool = False,
     parallel: bool = True,
     cores: int | None = None,
+    device: str = "cpu",
 ):
     """Train everything into ``work``; returns {bundled name: finished model directory}
-    (the teacher stays in ``work``: it is not bundled).
+    (the teacher stays in ``work``: it is not bundled). Every stage trains on ``device``
+    ("cuda": the processes side by side share the one GPU).
 
     The judge and the two tokenizer -> generator chains are independent, so by default they
     run as separate processes: the judge (and first the teacher, when the recipe uses one) on
@@ -309,16 +325,19 @@ def train_demo(
     """
     work.mkdir(parents=True, exist_ok=True)
     with RunClock(work / WALL_CLOCK):
-        return _train_demo(work, scale, quiet, parallel, cores)
+        return _train_demo(work, scale, quiet, parallel, cores, device)
 
 
-def _train_demo(work: Path, scale: float, quiet: bool, parallel: bool, cores: int | None):
+def _train_demo(
+    work: Path, scale: float, quiet: bool, parallel: bool, cores: int | None, device: str
+):
     finished: dict[str, Path] = {}
     if not parallel:
-        run_teacher(work, scale, quiet, torch.get_num_threads())
-        finished[demo.JUDGE_CLASSIFIER] = run_judge(work, scale, quiet, torch.get_num_threads())
+        threads = torch.get_num_threads()
+        run_teacher(work, scale, quiet, threads, device)
+        finished[demo.JUDGE_CLASSIFIER] = run_judge(work, scale, quiet, threads, device)
         for tok_name in TOKENIZERS:
-            finished.update(run_chain(work, tok_name, scale, quiet, torch.get_num_threads()))
+            finished.update(run_chain(work, tok_name, scale, quiet, threads, 1, device))
         return finished
     cores = cores or len(os.sched_getaffinity(0))
     CoreShare.clear(work / "cores")
@@ -330,10 +349,12 @@ def _train_demo(work: Path, scale: float, quiet: bool, parallel: bool, cores: in
         initargs=(os.getpid(),),
     ) as pool:
         try:
-            judge = pool.submit(run_judge, work, scale, quiet, 1)
-            pool.submit(run_teacher, work, scale, quiet, 1).result()
+            judge = pool.submit(run_judge, work, scale, quiet, 1, device)
+            pool.submit(run_teacher, work, scale, quiet, 1, device).result()
             n = len(TOKENIZERS)
-            chains = [pool.submit(run_chain, work, t, scale, quiet, cores, n) for t in TOKENIZERS]
+            chains = [
+                pool.submit(run_chain, work, t, scale, quiet, cores, n, device) for t in TOKENIZERS
+            ]
             finished[demo.JUDGE_CLASSIFIER] = judge.result()
             for c in chains:
                 finished.update(c.result())

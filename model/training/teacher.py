@@ -40,6 +40,7 @@ from .loop import (
     progress,
     save_checkpoint,
     set_lr,
+    training_device,
     write_training_json,
 )
 
@@ -215,16 +216,19 @@ def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return -F.cosine_similarity(projected, target, dim=-1).mean()
 
 
-def save_teacher(teacher: Teacher, path: str | Path, meta: dict | None = None) -> None:
+def save_teacher(
+    teacher: Teacher, path: str | Path, meta: dict | None = None, device: torch.device | None = None
+) -> None:
+    """``device``: where it was trained (training.json's "machine")."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.asdict(teacher.config)
     cfg["classes"] = list(cfg["classes"])
     (path / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
-    state = {k: v.detach().float().contiguous() for k, v in teacher.state_dict().items()}
+    state = {k: v.detach().float().cpu().contiguous() for k, v in teacher.state_dict().items()}
     save_file(state, str(path / "model.safetensors"))
     if meta is not None:
-        write_training_json(path, meta)
+        write_training_json(path, meta, device)
 
 
 def load_teacher(path: str | Path) -> Teacher:
@@ -294,14 +298,22 @@ def held_out_accuracy(teacher: Teacher, data: str, image_size: int, count: int =
         return float("nan")
     src = open_source("shapes", image_size, size=count, seed=2_000_000)
     images, labels = src.dataset.batch(range(count))
+    device = next(teacher.parameters()).device
+    images, labels = images.to(device), labels.to(device)
     teacher.eval()
     pred = torch.cat([teacher(images[i : i + 100]).argmax(1) for i in range(0, count, 100)])
     return float((pred == labels).float().mean())
 
 
-def train_teacher(cfg: TeacherTrainConfig, quiet: bool = False, stop_after: int | None = None):
+def train_teacher(
+    cfg: TeacherTrainConfig,
+    quiet: bool = False,
+    stop_after: int | None = None,
+    device: str | torch.device = "cpu",
+):
     """Train (or resume) the teacher as a classifier; the EMA weights are saved to
-    ``cfg.out``. Returns [(step, loss)]."""
+    ``cfg.out``. ``device``: see ``loop.training_device``. Returns [(step, loss)]."""
+    device = training_device(device)
     torch.manual_seed(cfg.seed)
     train_seed = cfg.seed + TEACHER_STREAM
     source = open_source(cfg.data, cfg.image_size, size=cfg.train_size, seed=train_seed)
@@ -316,8 +328,8 @@ def train_teacher(cfg: TeacherTrainConfig, quiet: bool = False, stop_after: int 
         classes=tuple(source.classes),
     )
     teacher = Teacher(tcfg)
-    teacher.init_weights()
-    teacher.train()
+    teacher.init_weights()  # on the CPU: the same draws anywhere
+    teacher.to(device).train()
     ema = EMA(teacher, cfg.ema_decay)
     opt = make_optimizer(teacher, cfg.lr, cfg.weight_decay)
     ckpt = cfg.checkpoint_path()
@@ -334,6 +346,7 @@ def train_teacher(cfg: TeacherTrainConfig, quiet: bool = False, stop_after: int 
         images, labels = next(data)
         if cfg.data == "shapes":
             images = _augment(images, torch.Generator().manual_seed(train_seed + step))
+        images, labels = images.to(device), labels.to(device)
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
         loss = F.cross_entropy(teacher(images), labels)
         opt.zero_grad(set_to_none=True)
@@ -355,7 +368,7 @@ def train_teacher(cfg: TeacherTrainConfig, quiet: bool = False, stop_after: int 
             "data_set": data_set_meta(cfg.data),
             "held_out_accuracy": acc,
         }
-        save_teacher(ema.model, cfg.out, meta)
+        save_teacher(ema.model.cpu(), cfg.out, meta, device)
         if not quiet:
             print(f"saved {cfg.out} (held-out accuracy {acc:.3f})")
     return history

@@ -41,6 +41,7 @@ from .loop import (
     progress,
     save_checkpoint,
     set_lr,
+    training_device,
     write_training_json,
 )
 from .teacher import (
@@ -185,7 +186,7 @@ def tokenizer_loss(
     z_q, _ = tok.quantize(z)
     z_dec = z_q
     if cfg.latent_noise:
-        s = torch.rand(z_q.shape[0], 1, 1) * cfg.latent_noise
+        s = torch.rand(z_q.shape[0], 1, 1, device=z_q.device) * cfg.latent_noise
         z_dec = z_q + s * z_q.detach().std() * torch.randn_like(z_q)
     recon = tok.decoder(tok.post_quant_conv(z_dec))
     l1 = F.l1_loss(recon, images)
@@ -254,14 +255,22 @@ def measure_latent_stats(tok: SoftVQTokenizer, dataset, count: int, batch_size: 
     return mean, std
 
 
-def train_tokenizer(cfg: TokenizerTrainConfig, quiet: bool = False, stop_after: int | None = None):
+def train_tokenizer(
+    cfg: TokenizerTrainConfig,
+    quiet: bool = False,
+    stop_after: int | None = None,
+    device: str | torch.device = "cpu",
+):
     """Train (or resume) and save the EMA tokenizer to ``cfg.out``. ``stop_after`` ends the run
     early after that many total steps without saving the model (used to test resuming).
-    Returns the list of (step, loss) logged."""
+    ``device``: see ``loop.training_device``. Returns the list of (step, loss) logged."""
+    device = training_device(device)
     torch.manual_seed(cfg.seed)
     source = open_source(cfg.data, cfg.image_size, size=cfg.train_size, seed=cfg.seed)
-    tok, teacher = build_for_training(cfg)
-    tok.train()
+    tok, teacher = build_for_training(cfg)  # initialised on the CPU: the same draws anywhere
+    tok.to(device).train()
+    if teacher is not None:
+        teacher.to(device)
     ema = EMA(tok, cfg.ema_decay)
     opt = make_optimizer(tok, cfg.lr, cfg.weight_decay)
     ckpt = cfg.checkpoint_path()
@@ -276,9 +285,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig, quiet: bool = False, stop_after: 
     data = batches(source.dataset, cfg.batch_size, cfg.seed, start_step=step)
     t0 = time.time()
     while step < end:
-        images, _ = next(data)
+        images, _ = next(data)  # drawn on the CPU
         set_lr(opt, lr_at(step, cfg.steps, cfg.lr, cfg.warmup))
-        loss, parts = tokenizer_loss(tok, images, cfg, teacher)
+        loss, parts = tokenizer_loss(tok, images.to(device), cfg, teacher)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tok.parameters(), 1.0)
@@ -292,11 +301,20 @@ def train_tokenizer(cfg: TokenizerTrainConfig, quiet: bool = False, stop_after: 
             save_checkpoint(ckpt, step, tok, ema, opt, {"history": history})
     bar.close()
     if step >= cfg.steps:
-        finish(cfg, without_projection(ema.model), source, time.time() - t0, quiet)
+        release = without_projection(ema.model).cpu()
+        finish(cfg, release, source, time.time() - t0, quiet, device)
     return history
 
 
-def finish(cfg: TokenizerTrainConfig, tok: SoftVQTokenizer, source, seconds: float, quiet: bool):
+def finish(
+    cfg: TokenizerTrainConfig,
+    tok: SoftVQTokenizer,
+    source,
+    seconds: float,
+    quiet: bool,
+    device: torch.device | None = None,
+):
+    """Measure the latent statistics (on the CPU, where the model is released) and save."""
     mean, std = measure_latent_stats(tok, source.dataset, cfg.stats_images)
     tok.config.vq_mean, tok.config.vq_std = mean, std
     save_tokenizer(tok, cfg.out)
@@ -306,6 +324,6 @@ def finish(cfg: TokenizerTrainConfig, tok: SoftVQTokenizer, source, seconds: flo
         "data_set": data_set_meta(cfg.data),
         "last_session_seconds": round(seconds, 1),
     }
-    write_training_json(cfg.out, meta)
+    write_training_json(cfg.out, meta, device)
     if not quiet:
         print(f"saved {cfg.out} (vq_mean {mean:.5f}, vq_std {std:.5f})")
