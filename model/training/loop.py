@@ -28,9 +28,9 @@ def set_threads(threads: int | None) -> None:
 
 def training_device(name: str | torch.device | None = "cpu") -> torch.device:
     """Where a trainer runs. "auto" (the command line's default) takes the GPU when torch sees
-    one and the CPU otherwise; "cpu", "cuda" or "cuda:1" ask for one. The recipe's models are
-    small, so a GPU step is bound by kernel launches, not arithmetic: it is the same training,
-    a few dozen times faster than two CPU cores (README, "Retraining them"), not the same bits.
+    one and the CPU otherwise; "cpu", "cuda" or "cuda:1" ask for one. It is the same training,
+    not the same bits: on one H200 the recipe's stages ran 6 to 13 times their 2-core rates
+    (docs/DEMO_MODELS.md, twenty-seventh pass).
     """
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
