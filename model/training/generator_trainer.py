@@ -36,6 +36,7 @@ from ..tokenizer import SoftVQTokenizer
 from .data import data_set_meta, open_source
 from .ema import EMA
 from .loop import (
+    device_of,
     load_checkpoint,
     lr_at,
     make_optimizer,
@@ -88,7 +89,7 @@ class GeneratorTrainConfig:
 def encode_dataset(tok: SoftVQTokenizer, dataset, batch_size: int = 100, quiet: bool = False):
     """All images -> normalised latents (N, L, D) float32 and labels (N,), on the CPU
     (encoded wherever ``tok`` is)."""
-    device = next(tok.parameters()).device
+    device = device_of(tok)
     xs, ys = [], []
     bar = progress(len(dataset), 0, "encoding latents", quiet)
     for start in range(0, len(dataset), batch_size):
@@ -155,7 +156,7 @@ def generator_loss(gen: SiT, x0, y, target=None, cfg=None):
 def teacher_targets(teacher, dataset, num_tokens: int, batch_size: int = 100, quiet=False):
     """The teacher's patch features of every training image, pooled to (N, L, C), on the CPU
     (computed wherever ``teacher`` is)."""
-    device = next(teacher.parameters()).device
+    device = device_of(teacher)
     out = []
     bar = progress(len(dataset), 0, "teacher features", quiet)
     for start in range(0, len(dataset), batch_size):

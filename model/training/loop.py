@@ -250,7 +250,7 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, ema: EMA, opt, extr
         "torch_rng": torch.get_rng_state(),
         "extra": extra,
     }
-    device = _device_of(model)
+    device = device_of(model)
     if device.type == "cuda":  # the GPU's own generator draws the noise there
         state["cuda_rng"] = torch.cuda.get_rng_state(device)
     tmp = path.with_suffix(".tmp")
@@ -265,13 +265,14 @@ def load_checkpoint(path: Path, model: nn.Module, ema: EMA, opt) -> tuple[int, d
     ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["opt"])
     torch.set_rng_state(state["torch_rng"])
-    device = _device_of(model)
+    device = device_of(model)
     if device.type == "cuda" and "cuda_rng" in state:
         torch.cuda.set_rng_state(state["cuda_rng"], device)
     return int(state["step"]), state["extra"]
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
+    """Where a model's weights are (the device its inputs must go to)."""
     return next(model.parameters()).device
 
 

@@ -128,9 +128,8 @@ WALL_CLOCK = "wall.json"  # the wall time of every run in a work directory (RunC
 TEACHER = {"arch": "cnn", "width": 16}
 # 800 steps: 100 % of held-out shapes. Teachers trained 3200 steps lifted softvq-demo-64 on the
 # AMD EPYC (docs/DEMO_MODELS.md, twenty-seventh pass: 94.0 -> 96.4 % and 90.0 -> 94.0 % judged,
-# teachers 0 and 1),
-# but softvq-demo-32 (alignment 1.0) aligned to the same teachers fell from 89.6 % to 81.8 /
-# 83.2 %, below its 85 % bar: not a change as the recipe stands.
+# teachers 0 and 1), but softvq-demo-32 (alignment 1.0) aligned to the same teachers fell from
+# 89.6 % to 81.8 / 83.2 %, below its 85 % bar: not a change as the recipe stands.
 TEACHER_STEPS = 800
 # latent tokens -> teacher patch features (SoftVQ's repa), per tokenizer
 # (ninth pass: 1.0 for 32 tokens lifted its judged reconstructions 72.2 -> 76.6 % for 0.1 dB;

@@ -34,6 +34,7 @@ from ..vit import VisionTransformer
 from .data import batches, data_set_meta, open_source
 from .ema import EMA
 from .loop import (
+    device_of,
     load_checkpoint,
     lr_at,
     make_optimizer,
@@ -225,7 +226,7 @@ def save_teacher(
     cfg = dataclasses.asdict(teacher.config)
     cfg["classes"] = list(cfg["classes"])
     (path / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
-    state = {k: v.detach().float().cpu().contiguous() for k, v in teacher.state_dict().items()}
+    state = {k: v.detach().float().contiguous() for k, v in teacher.state_dict().items()}
     save_file(state, str(path / "model.safetensors"))
     if meta is not None:
         write_training_json(path, meta, device)
@@ -298,7 +299,7 @@ def held_out_accuracy(teacher: Teacher, data: str, image_size: int, count: int =
         return float("nan")
     src = open_source("shapes", image_size, size=count, seed=2_000_000)
     images, labels = src.dataset.batch(range(count))
-    device = next(teacher.parameters()).device
+    device = device_of(teacher)
     images, labels = images.to(device), labels.to(device)
     teacher.eval()
     pred = torch.cat([teacher(images[i : i + 100]).argmax(1) for i in range(0, count, 100)])
