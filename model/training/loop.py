@@ -93,7 +93,7 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -141,7 +141,7 @@ class CoreShare:
     def live_leases(self) -> int:
         live = 0
         for lease in self.directory.glob("*"):
-            if lease.name.isdigit() and _alive(int(lease.name)):
+            if lease.name.isdigit() and process_alive(int(lease.name)):
                 live += 1
         return max(1, live)
 
@@ -157,7 +157,9 @@ class CoreShare:
         threads = self.threads()
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-            if not self.quiet:
+            # Not on entering: the caller may set its own count next (train-demo's tokenizers
+            # train on a fixed one), so only a change while training is news.
+            if not self.quiet and not force:
                 tqdm.write(f"{self.name or 'training'}: {threads} thread(s) from now on")
 
 
@@ -276,7 +278,13 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def progress(total: int, start: int, desc: str, quiet: bool = False) -> tqdm:
+def progress(total: int, start: int, desc: str, quiet: bool = False):
+    """A tqdm bar; in a train-demo stage process, a bar published to its board
+    (``board.PublishedBar``: several processes' bars cannot share one terminal line)."""
+    from .board import PublishedBar, published_dir  # board imports this module
+
+    if published_dir() is not None and not quiet:
+        return PublishedBar(published_dir(), total, start, desc)
     return tqdm(
         total=total,
         initial=start,

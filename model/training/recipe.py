@@ -9,6 +9,7 @@ from its own checkpoint, so the whole thing can be killed and restarted at any p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -21,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .. import demo
+from .board import Board, publish_to
 from .classifier import train_judge
 from .generator_trainer import GeneratorTrainConfig, train_generator
 from .loop import CoreShare, RunClock
@@ -328,12 +330,18 @@ def train_demo(
     recipe is timed as a whole); ``work/times.txt`` has a line per stage and run.
     """
     work.mkdir(parents=True, exist_ok=True)
-    with RunClock(work / WALL_CLOCK):
-        return _train_demo(work, scale, quiet, parallel, cores, device)
+    with RunClock(work / WALL_CLOCK) as clock:
+        return _train_demo(work, scale, quiet, parallel, cores, device, clock)
 
 
 def _train_demo(
-    work: Path, scale: float, quiet: bool, parallel: bool, cores: int | None, device: str
+    work: Path,
+    scale: float,
+    quiet: bool,
+    parallel: bool,
+    cores: int | None,
+    device: str,
+    clock: RunClock,
 ):
     finished: dict[str, Path] = {}
     if not parallel:
@@ -346,12 +354,17 @@ def _train_demo(
     cores = cores or len(os.sched_getaffinity(0))
     CoreShare.clear(work / "cores")
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        max_workers=1 + len(TOKENIZERS),
-        mp_context=ctx,
-        initializer=_exit_with_parent,
-        initargs=(os.getpid(),),
-    ) as pool:
+    # The stages publish their bars and output; only this process writes to the terminal.
+    board = None if quiet else Board(work, elapsed=lambda: (clock.elapsed(), clock.total()))
+    with (
+        board or contextlib.nullcontext(),
+        ProcessPoolExecutor(
+            max_workers=1 + len(TOKENIZERS),
+            mp_context=ctx,
+            initializer=_stage_process,
+            initargs=(os.getpid(), str(work)),
+        ) as pool,
+    ):
         try:
             judge = pool.submit(run_judge, work, scale, quiet, 1, device)
             pool.submit(run_teacher, work, scale, quiet, 1, device).result()
@@ -362,25 +375,30 @@ def _train_demo(
             finished[demo.JUDGE_CLASSIFIER] = judge.result()
             for c in chains:
                 finished.update(c.result())
-        except BaseException:
+        except BaseException as e:
             # Stopped (SIGTERM, Ctrl-C) or a stage failed: stop the other stages now. The
             # pool's exit would wait for them to finish (hours); the next run resumes them
-            # from their checkpoints, which are written atomically.
+            # from their checkpoints, which are written atomically. The board goes first, so
+            # the stages' own interruption (Ctrl-C reaches them too) stays in their logs.
+            if board is not None:
+                board.stop(forward=not isinstance(e, KeyboardInterrupt | SystemExit))
             for p in multiprocessing.active_children():
                 p.terminate()
             raise
     return finished
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Pool initializer: a training process leaves as soon as train-demo's main process is
-    gone, even killed with SIGKILL. An orphan would train on beside the run started next,
-    both writing the same checkpoints, each on cores the other counts as free.
+def _stage_process(parent: int, work: str) -> None:
+    """Pool initializer. A training process leaves as soon as train-demo's main process is
+    gone, even killed with SIGKILL: an orphan would train on beside the run started next,
+    both writing the same checkpoints, each on cores the other counts as free. Its bars and
+    output go to the work directory, for the main process's board (``board.publish_to``).
 
-    The progress bars take a thread lock instead of tqdm's default multiprocessing one: a
-    stage stopped by ``terminate`` cannot release a named semaphore, and Python would
-    report it leaked when train-demo exits."""
+    tqdm takes a thread lock instead of its default multiprocessing one: a stage stopped by
+    ``terminate`` cannot release a named semaphore, and Python would report it leaked when
+    train-demo exits."""
     tqdm.set_lock(threading.RLock())
+    publish_to(work)
 
     def watch() -> None:
         while os.getppid() == parent:
