@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-from .loop import process_alive
+from .loop import process_alive, write_json
 
 PROGRESS_DIR = "progress"
 LOGS_DIR = "logs"
@@ -97,9 +97,7 @@ class PublishedBar:
             "state": state,
             "postfix": self.postfix,
         }
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.path)
+        write_json(self.path, record)
 
 
 def duration(seconds: float) -> str:

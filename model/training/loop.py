@@ -163,6 +163,14 @@ class CoreShare:
                 tqdm.write(f"{self.name or 'training'}: {threads} thread(s) from now on")
 
 
+def write_json(path: Path, record: dict) -> None:
+    """``record`` as one line of JSON, replacing ``path`` at once: a process reading it (the
+    next run, train-demo's board) never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record) + "\n")
+    os.replace(tmp, path)
+
+
 class RunClock:
     """Wall time of a job that may be killed and resumed (train-demo): each run adds its own
     time to a small JSON file in the work directory, rewritten every ``every`` seconds while it
@@ -185,9 +193,7 @@ class RunClock:
         return self.before + self.elapsed()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"seconds": round(self.total(), 1), "runs": self.runs}) + "\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, {"seconds": round(self.total(), 1), "runs": self.runs})
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every):
