@@ -3,7 +3,7 @@ x = m_y + s_y * A_y w maps them to the tokenizer's normalised latents.
 
 Why: on the demo tokenizers the class lives in class-specific correlations across tokens (a
 per-class full-covariance Gaussian of the training latents, sampled and decoded, is named
-far more often than a diagonal one, docs/DEMO_MODELS.md), which a small SiT learns slowly.
+far more often than a diagonal one, docs/DEMO_MODELS_LOG.md), which a small SiT learns slowly.
 Starting every sample from N(m_y, Sigma_y) instead of N(0, I) gives the flow those
 correlations for free; the SiT models what the Gaussian misses, in its whitened coordinates.
 

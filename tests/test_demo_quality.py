@@ -38,7 +38,7 @@ GENERATION_BAR = {gen: DEMO_BARS[tok].accuracy for gen, tok in demo.DEMO_GENERAT
 # The bundled weights reach every bar (33.0 / 30.7 dB, 98.2 / 91.4 % of reconstructions judged,
 # 500 held-out images; generated images judged 90.0 % / 86.0 % of 200 since softvq-demo-64 went
 # to 12 000 steps with sit-demo-64 retrained on it, and sit-demo-32 became 128 x 6, in the
-# twenty-sixth and twentieth passes; docs/DEMO_MODELS.md).
+# twenty-sixth and twentieth passes; docs/DEMO_MODELS_LOG.md).
 # Retrained weights that fall below a bar turn these tests red.
 
 

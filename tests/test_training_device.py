@@ -3,7 +3,7 @@ refused, before any work; on a CUDA host every trainer runs there, resumes there
 checkpoint written on the CPU) and releases CPU weights that load anywhere.
 
 The CUDA tests run only where torch sees a GPU (CI has none; they were run on one, see
-docs/DEMO_MODELS.md). Imports from ``service`` stay inside the tests that need them, so this
+docs/DEMO_MODELS_LOG.md, twenty-seventh pass). Imports from ``service`` stay inside the tests that need them, so this
 file runs on a machine with only the model's packages."""
 
 from __future__ import annotations

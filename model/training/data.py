@@ -58,7 +58,7 @@ _P = (
 # A shape's size r (its radius, in image sides) is drawn uniformly from this range. At 32 px the
 # smallest shapes of the first range (0.14-0.32) were a few pixels across, below what a 4-pixel
 # patch tokenizer keeps; 0.22-0.38 lifted the 64-token chain's judged reconstructions from
-# 75.8 % to 95 % at the same budget (docs/DEMO_MODELS.md, sixth pass).
+# 75.8 % to 95 % at the same budget (docs/DEMO_MODELS_LOG.md, sixth pass).
 RADIUS_RANGE = (0.22, 0.38)
 
 

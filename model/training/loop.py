@@ -30,7 +30,7 @@ def training_device(name: str | torch.device | None = "cpu") -> torch.device:
     """Where a trainer runs. "auto" (the command line's default) takes the GPU when torch sees
     one and the CPU otherwise; "cpu", "cuda" or "cuda:1" ask for one. It is the same training,
     not the same bits: on one H200 the recipe's stages ran 6 to 13 times their 2-core rates
-    (docs/DEMO_MODELS.md, twenty-seventh pass).
+    (docs/DEMO_MODELS_LOG.md, twenty-seventh pass).
     """
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,7 +53,7 @@ def write_training_json(out: str | Path, meta: dict, device: torch.device | None
 
 def machine_meta(device: torch.device | None = None) -> dict:
     """Where a model was trained (training.json's "machine"). The same recipe and seed give the
-    same bits only on the same CPU kind and thread count (docs/DEMO_MODELS.md, twentieth and
+    same bits only on the same CPU kind and thread count (docs/DEMO_MODELS_LOG.md, twentieth and
     twenty-first passes: one run on an AMD EPYC made a weaker tokenizer than the Intel Xeon
     runs), so a model that does not reproduce can be traced to the machine that made it."""
     cpuinfo = _cpuinfo()
@@ -61,7 +61,7 @@ def machine_meta(device: torch.device | None = None) -> dict:
         "cpu": cpuinfo.get("model name") or platform.processor() or platform.machine(),
         # A virtual machine's model name can hide the generation ("AMD EPYC" is Zen 3 or
         # Zen 4, AVX2 or AVX-512 kernels): family / model and the kernel level torch picked
-        # tell two such machines apart (docs/DEMO_MODELS.md, twenty-fourth pass).
+        # tell two such machines apart (docs/DEMO_MODELS_LOG.md, twenty-fourth pass).
         "cpu_family_model": "/".join(cpuinfo.get(k, "?") for k in ("cpu family", "model")),
         "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),

@@ -32,7 +32,7 @@ from .tokenizer_trainer import TokenizerTrainConfig, train_tokenizer
 # Sizes first chosen so the whole recipe fit about 1.6 hours on two CPU cores (96 min measured,
 # eleventh pass; two chains side by side, one thread each); the deeper sit-demo-64 since has
 # made its chain the long one (docs/DEMO_MODELS.md). Pilot runs behind these choices are in
-# docs/DEMO_MODELS.md:
+# docs/DEMO_MODELS_LOG.md:
 # patch 4 (an 8x8 patch is 192 pixel values out of a 96-wide token: a rank bottleneck) and
 # sin-cos position init (random init leaves the tokenizer at the mean-colour plateau).
 # 32 px images (issue #14, 2026-11-30 pilots): at 64 px a 15-minute tokenizer pilot reached
@@ -46,7 +46,7 @@ TOKENIZERS = {
     # name: (tokens L, token width D, steps, codewords per codebook)
     # 4096 codewords for 32 tokens learned faster early but, at 1.8x the cost per step, a
     # 4000-step run ended where the 8000-step 256-codeword one did (teacher 50.6 % both;
-    # docs/DEMO_MODELS.md, fourth pass), so the smaller codebook stays. Eleventh pass: 32
+    # docs/DEMO_MODELS_LOG.md, fourth pass), so the smaller codebook stays. Eleventh pass: 32
     # tokens for 16 000 steps, 27.7 dB / 78.0 % of reconstructions judged -> 30.7 dB / 91.4 %
     # (at 8000 of the 16 000 already 28.0 dB / 81.4 %); the 64-token chain stays the longer one.
     # 64 tokens: 8000 -> 12 000 steps (twenty-sixth pass). At 8000 the judged share of its
@@ -64,7 +64,7 @@ TOKENIZER_POS_INIT = "sincos"
 TOKENIZER_BATCH = 32
 TOKENIZER_LR = 3e-3
 GENERATOR = {"hidden_size": 128, "num_heads": 4}
-# Blocks per generator. Sixteenth pass (docs/DEMO_MODELS.md): sit-demo-64 at depth 6 for
+# Blocks per generator. Sixteenth pass (docs/DEMO_MODELS_LOG.md): sit-demo-64 at depth 6 for
 # 32 000 steps names 94.4 % of its samples by the teacher (judge 83.0 %; teacher-feature FD
 # 3.2) against depth 3's 87.8 % (65.8 %; 8.0), for twice the sampling cost; the tenth pass's
 # depth-6 run at half the steps had tied depth 3; the seventeenth pass's at 36 000 steps ties
@@ -75,7 +75,7 @@ GENERATOR = {"hidden_size": 128, "num_heads": 4}
 # twice its sampling time (still under a fifth of sit-demo-64's).
 GENERATOR_DEPTH = {"sit-demo-64": 8, "sit-demo-32": 6}
 # Steps per generator. On the aligned latents the learning curve keeps rising well past where
-# the unaligned one flattened (docs/DEMO_MODELS.md, ninth pass; 500 samples, teacher / judge):
+# the unaligned one flattened (docs/DEMO_MODELS_LOG.md, ninth pass; 500 samples, teacher / judge):
 # sit-demo-64 of a 20 000-step run at step 5000 45.5 / 30.5 % (200 samples), 10 000 66.0 /
 # 49.4 %, 15 000 74.0 / 53.0 %, 20 000 76.0 / 55.8 % (the 10 000-step run: 62.4 / 45.0 %).
 # Tenth pass: a 32 000-step sit-demo-64 reached 88.0 / 62.6 % (cfg 4); one twice as deep
@@ -114,7 +114,7 @@ EMA_DECAY = 0.998
 # The teacher (our DINOv2 stand-in, model/training/teacher.py) and the switches of the losses
 # that use it. The cnn teacher: 100 % held-out accuracy in 800 steps (the vit of the encoder's
 # shape: 62 % in 1500 steps). Ablation at the recipe's full budget, 64-token chain
-# (docs/DEMO_MODELS.md, eighth pass; judged by the teacher, judge reported beside): latent
+# (docs/DEMO_MODELS_LOG.md, eighth pass; judged by the teacher, judge reported beside): latent
 # alignment 0.5 raised the between-class share of the latent variance from 2.5 % to 17.9 % and
 # the generator's samples from 44.5 % to 54 % named (judge 23.5 -> 36.5 %) for 1.5 dB of PSNR
 # (32.2 -> 30.7 dB; judged reconstructions 95.8 -> 94.0 %); generator REPA 0.5 alone changed
@@ -129,7 +129,7 @@ TEACHER_DIR = "teacher"
 WALL_CLOCK = "wall.json"  # the wall time of every run in a work directory (RunClock)
 TEACHER = {"arch": "cnn", "width": 16}
 # 800 steps: 100 % of held-out shapes. Teachers trained 3200 steps lifted softvq-demo-64 on the
-# AMD EPYC (docs/DEMO_MODELS.md, twenty-seventh pass: 94.0 -> 96.4 % and 90.0 -> 94.0 % judged,
+# AMD EPYC (docs/DEMO_MODELS_LOG.md, twenty-seventh pass: 94.0 -> 96.4 % and 90.0 -> 94.0 % judged,
 # teachers 0 and 1), but softvq-demo-32 (alignment 1.0) aligned to the same teachers fell from
 # 89.6 % to 81.8 / 83.2 %, below its 85 % bar: not a change as the recipe stands.
 TEACHER_STEPS = 800
@@ -145,7 +145,7 @@ TOKENIZER_INIT_FROM_TEACHER = False  # encoder starts from a vit teacher (needs 
 GENERATOR_REPA_WEIGHT = {"sit-demo-32": 0.5, "sit-demo-64": 0.5}
 # A Gaussian per class under the flow (model/class_prior.py; 0: off). At the full 10 000-step
 # budget the SiT on whitened latents (rank 64) ended below the plain one (teacher 31.5 vs
-# 37.5 %, judge 17.5 vs 22.5 %) and no better than the prior's own samples (docs/DEMO_MODELS.md,
+# 37.5 %, judge 17.5 vs 22.5 %) and no better than the prior's own samples (docs/DEMO_MODELS_LOG.md,
 # fifth pass), so it is off.
 GENERATOR_PRIOR_RANK = 0
 
