@@ -166,6 +166,12 @@ def register(sub) -> None:
         action="store_true",
         help="also judge generation started from real latents noised to t = 0 ... 1",
     )
+    p.add_argument(
+        "--outlines",
+        action="store_true",
+        help="also fit each generated image (and as many reconstructions) with its class's "
+        "clean shape and report the outlines' IoU per class",
+    )
     p.set_defaults(func=_evaluate_demo)
 
 
@@ -374,6 +380,8 @@ def settings_for(gen_dir: Path, args=None):
 
 
 def _evaluate_demo(args) -> int:
+    import torch
+
     from .. import demo
     from ..loading import load_generator, load_tokenizer
     from .classifier import load_judge
@@ -384,6 +392,7 @@ def _evaluate_demo(args) -> int:
         class_grid,
         evaluate_pair,
         missed_bars,
+        outline_quality,
     )
 
     set_threads(args.threads)
@@ -395,7 +404,8 @@ def _evaluate_demo(args) -> int:
         tok, gen = load_tokenizer(root / tok_name), load_generator(root / gen_name)
         settings = settings_for(root / gen_name, args)
         r = evaluate_pair(tok, gen, judge, args.psnr_images, args.per_class, settings)
-        grids.append(r.pop("_images"))
+        images = r.pop("_images")
+        grids.append(images)
         r["seconds"] = round(time.time() - t0, 1)
         results[f"{tok_name} + {gen_name}"] = r
         print(
@@ -423,6 +433,14 @@ def _evaluate_demo(args) -> int:
                 + ", ".join(f"t={t:g} {a:.3f}" for t, a in acc.items())
                 + " (t=0: reconstructions, t=1: generation)"
             )
+        if args.outlines:
+            labels = torch.arange(gen.num_classes).repeat_interleave(args.per_class)
+            r["outline_iou"] = outline_quality(tok, images, labels)
+            for what, per_class in r["outline_iou"].items():
+                print(
+                    f"  outline IoU, {what} (median per class): "
+                    + ", ".join(f"{v:.2f}" for v in per_class)
+                )
     if args.grid:
         # The default generator's samples: a row per class, 10 per row.
         class_grid(

@@ -20,6 +20,7 @@ from ..images import make_grid, psnr, to_pil
 from ..pipeline import generate
 from ..sampling import sample
 from .data import ProceduralShapes
+from .shape_fit import outline_iou
 
 HELD_OUT_SEED = 1_000_000  # the demo models train on seed 0
 
@@ -183,6 +184,24 @@ def diversity(generated: torch.Tensor, labels: torch.Tensor, real_seed: int = HE
         real, _ = real_set.batch(idx)
         g, r = mean_pairwise_distance(samples), mean_pairwise_distance(real)
         out[c] = (g, r, g / r)
+    return out
+
+
+@torch.no_grad()
+def outline_quality(tok, generated: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Per class, the median outline IoU (``shape_fit.outline_iou``) of the generated images
+    and of the tokenizer's reconstructions of as many held-out real images: how clean a shape
+    a person sees, against the decoder's own ceiling."""
+    data = ProceduralShapes(len(labels), seed=HELD_OUT_SEED, image_size=tok.image_size)
+    real, real_labels = data.batch(range(len(labels)))
+    recon = tok.decode(tok.encode(real)).clamp(-1, 1)
+    out = {}
+    for name, images, y in (
+        ("generated", generated, labels),
+        ("reconstructed", recon, real_labels),
+    ):
+        iou, _ = outline_iou(images, y)
+        out[name] = [round(float(iou[y == c].median()), 3) for c in range(int(y.max()) + 1)]
     return out
 
 
