@@ -14,9 +14,10 @@ measures how well the image's own silhouette matches it:
 - the silhouette: pixels whose colour lies past halfway from the fitted background towards the
   fitted foreground; the score is its intersection over union with the fitted shape's inside.
 
-Real images score 1.0 (lowest of 200: 0.965, a frame); the tokenizers' reconstructions of them
-0.84-0.98 by class; docs/DEMO_MODELS.md ("Outlines") has the generators'. No network is
-involved, so the score can be read beside the judge without sharing its blind spots.
+Real images score 1.0 (200 held-out: lowest 0.971, a frame), the tokenizers' reconstructions
+of them 0.82-0.98 by class (medians); docs/DEMO_MODELS.md ("Outlines") has the generators'. No
+network is involved, so the score can be read beside the judge without sharing its blind
+spots.
 """
 
 from __future__ import annotations
