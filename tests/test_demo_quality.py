@@ -208,7 +208,8 @@ def test_missed_bars_names_each_bar_a_result_falls_below():
 def test_evaluate_demo_fails_a_pair_below_a_bar(tmp_path):
     """`softvq evaluate-demo` reads the numbers against the bars: with a judge that names
     nothing (one training step), every pair misses its judged bars, the command says which
-    and exits 1 (so a script stops before copying retrained weights over the bundle)."""
+    and exits 1 (so a script stops before copying retrained weights over the bundle).
+    ``--outlines`` adds each pair's outline IoU per class, generated and reconstructed."""
     import json
     import shutil
     import subprocess
@@ -221,6 +222,7 @@ def test_evaluate_demo_fails_a_pair_below_a_bar(tmp_path):
     train_judge(tmp_path / demo.JUDGE_CLASSIFIER, steps=1, image_size=32, quiet=True)
     out = tmp_path / "quality.json"
     argv = ["evaluate-demo", "--weights-dir", tmp_path, "--psnr-images", 20, "--per-class", 2]
+    argv.append("--outlines")  # the outline reading rides along (it needs no judge)
     run = subprocess.run(
         [sys.executable, "-m", "service.cli", *map(str, argv), "--json", str(out)],
         capture_output=True,
@@ -233,3 +235,10 @@ def test_evaluate_demo_fails_a_pair_below_a_bar(tmp_path):
         assert any(m.startswith("judged reconstructions") for m in r["missed_bars"]), pair
         assert not any(m.startswith("PSNR") for m in r["missed_bars"]), pair
     assert run.stdout.count("below the bar: judged reconstructions") == 2
+    for pair, r in results.items():
+        outlines = r["outline_iou"]
+        assert set(outlines) == {"generated", "reconstructed"}, pair
+        assert all(len(v) == 10 and all(0 <= x <= 1 for x in v) for v in outlines.values())
+        # The bundled decoders keep a circle's outline (0.97-0.98 on 20 per class).
+        assert outlines["reconstructed"][0] > 0.9, (pair, outlines)
+    assert run.stdout.count("outline IoU, generated") == 2
