@@ -380,8 +380,6 @@ def settings_for(gen_dir: Path, args=None):
 
 
 def _evaluate_demo(args) -> int:
-    import torch
-
     from .. import demo
     from ..loading import load_generator, load_tokenizer
     from .classifier import load_judge
@@ -404,7 +402,7 @@ def _evaluate_demo(args) -> int:
         tok, gen = load_tokenizer(root / tok_name), load_generator(root / gen_name)
         settings = settings_for(root / gen_name, args)
         r = evaluate_pair(tok, gen, judge, args.psnr_images, args.per_class, settings)
-        images = r.pop("_images")
+        images, labels = r.pop("_images"), r.pop("_labels")
         grids.append(images)
         r["seconds"] = round(time.time() - t0, 1)
         results[f"{tok_name} + {gen_name}"] = r
@@ -434,7 +432,6 @@ def _evaluate_demo(args) -> int:
                 + " (t=0: reconstructions, t=1: generation)"
             )
         if args.outlines:
-            labels = torch.arange(gen.num_classes).repeat_interleave(args.per_class)
             r["outline_iou"] = outline_quality(tok, images, labels)
             for what, per_class in r["outline_iou"].items():
                 print(

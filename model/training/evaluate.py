@@ -241,4 +241,5 @@ def evaluate_pair(
         "diversity_per_class": {c: [round(x, 4) for x in v] for c, v in div.items()},
         "settings": settings.__dict__,
         "_images": images,
+        "_labels": labels,
     }
