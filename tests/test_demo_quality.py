@@ -241,4 +241,4 @@ def test_evaluate_demo_fails_a_pair_below_a_bar(tmp_path):
         assert all(len(v) == 10 and all(0 <= x <= 1 for x in v) for v in outlines.values())
         # The bundled decoders keep a circle's outline (0.97-0.98 on 20 per class).
         assert outlines["reconstructed"][0] > 0.9, (pair, outlines)
-    assert run.stdout.count("outline IoU, generated") == 2
+    assert run.stdout.count("outline IoU, generated (median per class): circle 0.") == 2

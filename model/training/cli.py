@@ -383,6 +383,7 @@ def _evaluate_demo(args) -> int:
     from .. import demo
     from ..loading import load_generator, load_tokenizer
     from .classifier import load_judge
+    from .data import CLASSES
     from .evaluate import (
         DEMO_BARS,
         GenerationSettings,
@@ -436,7 +437,7 @@ def _evaluate_demo(args) -> int:
             for what, per_class in r["outline_iou"].items():
                 print(
                     f"  outline IoU, {what} (median per class): "
-                    + ", ".join(f"{v:.2f}" for v in per_class)
+                    + ", ".join(f"{CLASSES[c]} {v:.2f}" for c, v in enumerate(per_class))
                 )
     if args.grid:
         # The default generator's samples: a row per class, 10 per row.
