@@ -145,8 +145,11 @@ def signed_distance(
     raise ValueError(f"unknown class {label}")
 
 
-def render(labels: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
-    """labels (B,), params (B, len(_P)) -> images (B, 3, size, size) float32 in [-1, 1]."""
+def render(
+    labels: torch.Tensor, params: torch.Tensor, size: int, edge_px: float = 1.6
+) -> torch.Tensor:
+    """labels (B,), params (B, len(_P)) -> images (B, 3, size, size) float32 in [-1, 1].
+    Differentiable in ``params``; ``edge_px`` widens the edge ramp (shape_fit anneals it)."""
     B = labels.shape[0]
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # pixel centres
     gy, gx = torch.meshgrid(coords, coords, indexing="ij")  # (S, S)
@@ -161,7 +164,7 @@ def render(labels: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tenso
         sdf[m] = signed_distance(label, px[m], py[m], params[m])
     # Anti-aliased coverage: a ramp 1.6 pixels wide across the edge (soft enough to be
     # learnable by a tiny tokenizer, sharp enough to look crisp).
-    soft = 1.6 / size
+    soft = edge_px / size
     alpha = (0.5 - sdf / soft).clamp(0, 1)[:, None]  # (B, 1, S, S)
     fg = params[:, 4:7, None, None]
     bg = params[:, 7:10, None, None]

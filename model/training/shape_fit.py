@@ -6,9 +6,10 @@ its class, this module finds the clean shape of that class (``data.signed_distan
 size, rotation, and for stripes period and phase) whose render best explains the image, then
 measures how well the image's own silhouette matches it:
 
-- geometry by gradient descent from several starts (rotations over the class's symmetry, three
-  sizes; stripes: three periods, four phases), the render's edge ramp widened at first (5 px,
-  so an edge far from the start still pulls) and narrowed to the data set's 1.6 px;
+- geometry by gradient descent through ``data.render`` from several starts (rotations over
+  the class's symmetry, three sizes; stripes: three periods, four phases), its edge ramp
+  widened at first (5 px, so an edge far from the start still pulls) and narrowed to the data
+  set's 1.6 px;
 - colours in closed form at every step: foreground, background and the background's linear
   brightness ramp, the data set's colour model, by least squares from sums over the pixels;
 - the silhouette: pixels whose colour lies past halfway from the fitted background towards the
@@ -26,7 +27,7 @@ import math
 
 import torch
 
-from .data import CLASSES, signed_distance
+from .data import CLASSES, render
 
 # Rotational symmetry period of each class's shape (0: rotation does not matter, or is fixed
 # as for the stripes, whose direction the class names).
@@ -55,19 +56,11 @@ def _pixel_grid(size: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _coverage(labels: torch.Tensor, geo: torch.Tensor, size: int, edge_px: float):
-    """labels (N,), geo (N, 6) = cx, cy, r, theta, period, phase -> coverage (N, S, S)."""
-    gx, gy = _pixel_grid(size, geo.dtype)
-    dx, dy = gx[None] - geo[:, 0, None, None], gy[None] - geo[:, 1, None, None]
-    th = geo[:, 3, None, None]
-    px = torch.cos(th) * dx + torch.sin(th) * dy
-    py = -torch.sin(th) * dx + torch.cos(th) * dy
-    # data.render's parameter layout; colours are not used by signed_distance.
-    params = torch.cat([geo[:, :4], geo.new_zeros(len(geo), 8), geo[:, 4:6]], 1)
-    sdf = torch.empty_like(px)
-    for c in labels.unique().tolist():
-        m = labels == c
-        sdf[m] = signed_distance(c, px[m], py[m], params[m])
-    return (0.5 - sdf / (edge_px / size)).clamp(0, 1)
+    """labels (N,), geo (N, 6) = cx, cy, r, theta, period, phase -> coverage (N, S, S): the
+    data set's own render of a white shape on black."""
+    white, black = geo.new_ones(len(geo), 3), geo.new_zeros(len(geo), 5)  # fg; bg and its ramp
+    params = torch.cat([geo[:, :4], white, black, geo[:, 4:6]], 1)  # data._P's order
+    return (render(labels, params, size, edge_px)[:, 0] + 1) / 2
 
 
 def _colours(images: torch.Tensor, alpha: torch.Tensor):
