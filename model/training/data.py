@@ -145,14 +145,20 @@ def signed_distance(
     raise ValueError(f"unknown class {label}")
 
 
+def pixel_centres(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y (S, S) of each pixel's centre, in image sides (float32)."""
+    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    gy, gx = torch.meshgrid(coords, coords, indexing="ij")
+    return gx, gy
+
+
 def render(
     labels: torch.Tensor, params: torch.Tensor, size: int, edge_px: float = 1.6
 ) -> torch.Tensor:
     """labels (B,), params (B, len(_P)) -> images (B, 3, size, size) float32 in [-1, 1].
     Differentiable in ``params``; ``edge_px`` widens the edge ramp (shape_fit anneals it)."""
     B = labels.shape[0]
-    coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size  # pixel centres
-    gy, gx = torch.meshgrid(coords, coords, indexing="ij")  # (S, S)
+    gx, gy = pixel_centres(size)
     dx = gx[None] - params[:, 0, None, None]
     dy = gy[None] - params[:, 1, None, None]
     th = params[:, 3, None, None]

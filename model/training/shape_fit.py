@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .data import CLASSES, render
+from .data import CLASSES, pixel_centres, render
 
 # Rotational symmetry period of each class's shape (0: rotation does not matter, or is fixed
 # as for the stripes, whose direction the class names).
@@ -44,15 +44,10 @@ SYMMETRY = {
     "v-stripes": 0.0,
 }
 STRIPES = ("h-stripes", "v-stripes")
-ROTATIONS, SIZES = 4, 3  # starts per image: ROTATIONS x SIZES (stripes: phases x periods)
+ROTATIONS = 4  # starts per image: ROTATIONS x START_SIZES (stripes: phases x periods)
 START_SIZES = (0.24, 0.30, 0.36)  # shape radius, or stripe period, in image sides
+STARTS = ROTATIONS * len(START_SIZES)
 EDGE_PX = 1.6  # the data set's anti-aliasing ramp (data.render)
-
-
-def _pixel_grid(size: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    c = (torch.arange(size, dtype=dtype) + 0.5) / size
-    gy, gx = torch.meshgrid(c, c, indexing="ij")
-    return gx, gy
 
 
 def _coverage(labels: torch.Tensor, geo: torch.Tensor, size: int, edge_px: float):
@@ -67,9 +62,10 @@ def _colours(images: torch.Tensor, alpha: torch.Tensor):
     """Least-squares colours of the data set's model for images (N, 3, S, S) in [0, 1] and
     coverage alpha (N, S, S): pixel = a fg + (1 - a) (bg + gdx (x - 1/2) + gdy (y - 1/2)), the
     ramp shared by the channels. Solved from the normal equations' sums (8 unknowns).
-    Returns (the model's image, the unknowns (N, 8): fg rgb, bg rgb, gdx, gdy)."""
+    Returns (the model's image, foreground (N, 3, 1, 1), background with its ramp
+    (N, 3, S, S))."""
     N, S = images.shape[0], images.shape[-1]
-    gx, gy = _pixel_grid(S, images.dtype)
+    gx, gy = pixel_centres(S)
     a = alpha.reshape(N, -1)
     b = 1 - a
     X, Y = (gx - 0.5).reshape(1, -1), (gy - 0.5).reshape(1, -1)
@@ -101,26 +97,27 @@ def _colours(images: torch.Tensor, alpha: torch.Tensor):
         1,
     )
     u = torch.linalg.solve(M + 1e-5 * torch.eye(8, dtype=images.dtype), rhs)
-    ramp = X * u[:, 6:7] + Y * u[:, 7:8]  # (N, P)
-    model = a[:, None] * u[:, 0:3, None] + b[:, None] * (u[:, 3:6, None] + ramp[:, None])
-    return model.reshape(N, 3, S, S), u
+    fg = u[:, 0:3, None]  # (N, 3, 1)
+    background = u[:, 3:6, None] + (X * u[:, 6:7] + Y * u[:, 7:8])[:, None]  # (N, 3, P)
+    model = a[:, None] * fg + b[:, None] * background
+    return model.reshape(N, 3, S, S), fg[..., None], background.reshape(N, 3, S, S)
 
 
 def _starts(labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """(N * ROTATIONS * SIZES, 6) starting geometries; the centre starts at the centroid of
+    """(N * STARTS, 6) starting geometries; the centre starts at the centroid of
     the pixels unlike the border's median colour."""
     N, S = images.shape[0], images.shape[-1]
     edge = torch.cat([images[..., 0, :], images[..., -1, :], images[..., 0], images[..., -1]], 2)
     unlike = (images - edge.median(2).values[..., None, None]).norm(dim=1)
     w = (unlike / unlike.flatten(1).amax(1).clamp(min=1e-6)[:, None, None]) ** 2
-    gx, gy = _pixel_grid(S, images.dtype)
+    gx, gy = pixel_centres(S)
     total = w.flatten(1).sum(1).clamp(min=1e-6)
     cx, cy = (w * gx).flatten(1).sum(1) / total, (w * gy).flatten(1).sum(1) / total
     names = [CLASSES[int(c)] for c in labels]
     period = torch.tensor([SYMMETRY[n] for n in names], dtype=images.dtype)
     stripes = torch.tensor([n in STRIPES for n in names])
     out = []
-    for k in range(ROTATIONS * SIZES):
+    for k in range(STARTS):
         i, j = k % ROTATIONS, k // ROTATIONS
         size = torch.full((N,), START_SIZES[j], dtype=images.dtype)
         g = torch.stack([cx, cy, size, period * i / ROTATIONS, size, torch.zeros_like(cx)], 1)
@@ -154,14 +151,14 @@ def _fit(images: torch.Tensor, labels: torch.Tensor, steps: int):
     x0 = ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
     labels = labels.cpu()
     N, S = x0.shape[0], x0.shape[-1]
-    K = ROTATIONS * SIZES
+    K = STARTS
     lab, x = labels.repeat_interleave(K), x0.repeat_interleave(K, 0)
     geo = _starts(labels, x0).requires_grad_(True)
     opt = torch.optim.Adam([geo], lr=0.01)
     with torch.enable_grad():
         for step in range(steps):
             edge = 5.0 + (EDGE_PX - 5.0) * step / steps
-            model, _ = _colours(x, _coverage(lab, geo, S, edge))
+            model = _colours(x, _coverage(lab, geo, S, edge))[0]
             loss = ((model - x) ** 2).flatten(1).mean(1).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -171,15 +168,11 @@ def _fit(images: torch.Tensor, labels: torch.Tensor, steps: int):
             opt.step()
     with torch.no_grad():
         alpha = _coverage(lab, geo, S, EDGE_PX)
-        model, u = _colours(x, alpha)
+        model, fg, bg = _colours(x, alpha)
         err = ((model - x) ** 2).flatten(1).mean(1).reshape(N, K)
         best = err.argmin(1) + torch.arange(N) * K
-        alpha, model, u = alpha[best], model[best], u[best]
-        gx, gy = _pixel_grid(S, x0.dtype)
-        bg = u[:, 3:6, None, None] + (
-            u[:, 6, None, None, None] * (gx - 0.5) + u[:, 7, None, None, None] * (gy - 0.5)
-        )
-        span = u[:, 0:3, None, None] - bg
+        alpha, model, fg, bg = alpha[best], model[best], fg[best], bg[best]
+        span = fg - bg
         along = ((x0 - bg) * span).sum(1) / (span * span).sum(1).clamp(min=1e-4)
         seen, fitted = along > 0.5, alpha > 0.5
         iou = (seen & fitted).flatten(1).sum(1) / (seen | fitted).flatten(1).sum(1).clamp(min=1)
