@@ -152,8 +152,13 @@ def pixel_centres(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return gx, gy
 
 
+# Anti-aliased coverage: a ramp this many pixels wide across a shape's edge (soft enough to be
+# learnable by a tiny tokenizer, sharp enough to look crisp).
+EDGE_PX = 1.6
+
+
 def render(
-    labels: torch.Tensor, params: torch.Tensor, size: int, edge_px: float = 1.6
+    labels: torch.Tensor, params: torch.Tensor, size: int, edge_px: float = EDGE_PX
 ) -> torch.Tensor:
     """labels (B,), params (B, len(_P)) -> images (B, 3, size, size) float32 in [-1, 1].
     Differentiable in ``params``; ``edge_px`` widens the edge ramp (shape_fit anneals it)."""
@@ -168,9 +173,7 @@ def render(
     for label in labels.unique().tolist():
         m = labels == label
         sdf[m] = signed_distance(label, px[m], py[m], params[m])
-    # Anti-aliased coverage: a ramp 1.6 pixels wide across the edge (soft enough to be
-    # learnable by a tiny tokenizer, sharp enough to look crisp).
-    soft = edge_px / size
+    soft = edge_px / size  # the edge ramp's width in image sides
     alpha = (0.5 - sdf / soft).clamp(0, 1)[:, None]  # (B, 1, S, S)
     fg = params[:, 4:7, None, None]
     bg = params[:, 7:10, None, None]

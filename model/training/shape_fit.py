@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .data import CLASSES, pixel_centres, render
+from .data import CLASSES, EDGE_PX, pixel_centres, render
 
 # Rotational symmetry period of each class's shape (0: rotation does not matter, or is fixed
 # as for the stripes, whose direction the class names).
@@ -47,7 +47,6 @@ STRIPES = ("h-stripes", "v-stripes")
 ROTATIONS = 4  # starts per image: ROTATIONS x START_SIZES (stripes: phases x periods)
 START_SIZES = (0.24, 0.30, 0.36)  # shape radius, or stripe period, in image sides
 STARTS = ROTATIONS * len(START_SIZES)
-EDGE_PX = 1.6  # the data set's anti-aliasing ramp (data.render)
 
 
 def _coverage(labels: torch.Tensor, geo: torch.Tensor, size: int, edge_px: float):
