@@ -143,6 +143,48 @@ def test_generator_resumes_exactly(tmp_path, trained_tiny_tokenizer):
     assert same_weights(tmp_path / "a", tmp_path / "b")
 
 
+def test_generator_starts_from_a_finished_one(tmp_path, trained_tiny_tokenizer):
+    first = gen_config(tmp_path / "a", trained_tiny_tokenizer, depth=2, steps=60, ckpt_every=1000)
+    fresh = [loss for _, loss in train_generator(first, quiet=True)]
+    # Depth 1 asked for, depth 2 started from: the starting model's shape wins. With a zero
+    # learning rate nothing moves, so the result is the start, bit for bit.
+    more = gen_config(
+        tmp_path / "b", trained_tiny_tokenizer, steps=4, lr=0.0, init_from=str(tmp_path / "a")
+    )
+    started = [loss for _, loss in train_generator(more, quiet=True)]
+    assert same_weights(tmp_path / "a", tmp_path / "b")
+    assert model.load_generator(tmp_path / "b").config.depth == 2
+    # It starts where the first run ended, not where a fresh model starts.
+    assert statistics.mean(started) < 0.8 * statistics.mean(fresh[:4])
+    trained_with = json.loads((tmp_path / "b" / "training.json").read_text())["trained_with"]
+    assert trained_with["init_from"] == str(tmp_path / "a") and trained_with["depth"] == 2
+
+
+def test_cli_refuses_to_start_from_a_generator_for_other_latents(
+    tmp_path, trained_tiny_tokenizer, capsys
+):
+    tok = model.load_tokenizer(trained_tiny_tokenizer)
+    other = model.SiT(
+        model.GeneratorConfig(
+            input_size=tok.num_tokens,
+            in_channels=tok.token_dim,
+            hidden_size=32,
+            depth=1,
+            num_heads=2,
+            num_classes=3,
+        )
+    )
+    model.save_generator(other, tmp_path / "three-classes")
+    args = ["train-generator", "--out", str(tmp_path / "g"), "--tokenizer"]
+    args += [str(trained_tiny_tokenizer), "--train-size", "100", "--steps", "2", "--quiet"]
+    assert main([*args, "--init-from", str(tmp_path / "nowhere")]) == 2
+    assert "--init-from" in capsys.readouterr().err
+    assert main([*args, "--init-from", str(tmp_path / "three-classes")]) == 2
+    err = capsys.readouterr().err
+    assert "3 classes" in err and "10 classes" in err and "Traceback" not in err
+    assert not (tmp_path / "g" / "model.safetensors").exists()
+
+
 def test_generator_latents_are_normalised_with_the_tokenizer_stats(
     tmp_path, trained_tiny_tokenizer
 ):

@@ -113,6 +113,12 @@ def register(sub) -> None:
         default=0,
         help="sample from a Gaussian per class of this rank instead of N(0, I) (0: off)",
     )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from this generator directory (fine-tune or train longer): its width,"
+        " depth and heads replace --hidden/--depth/--heads",
+    )
     p.set_defaults(func=_train_generator)
 
     p = sub.add_parser("train-demo", help="retrain every bundled demo model from scratch")
@@ -281,12 +287,15 @@ def _train_tokenizer(args) -> int:
 
 def _train_generator(args) -> int:
 
+    from ..loading import CheckpointError
     from .generator_trainer import GeneratorTrainConfig, train_generator
 
     _check_data(args.data)
     if not (Path(args.tokenizer) / "config.json").is_file():
         raise UsageError(f"--tokenizer {args.tokenizer}: no config.json there")
     _check_teacher(args.teacher, bool(args.repa_weight))
+    if args.init_from and not (Path(args.init_from) / "config.json").is_file():
+        raise UsageError(f"--init-from {args.init_from}: no config.json there")
     set_threads(args.threads)
     cfg = GeneratorTrainConfig(
         out=args.out,
@@ -305,11 +314,15 @@ def _train_generator(args) -> int:
         repa_weight=args.repa_weight,
         repa_block=args.repa_block,
         class_prior_rank=args.class_prior_rank,
+        init_from=args.init_from,
         seed=args.seed,
         ckpt=args.ckpt,
         ckpt_every=args.ckpt_every,
     )
-    train_generator(cfg, quiet=args.quiet, device=training_device(args.device))
+    try:
+        train_generator(cfg, quiet=args.quiet, device=training_device(args.device))
+    except CheckpointError as e:  # e.g. --init-from's model does not fit these latents
+        raise UsageError(str(e)) from e
     return 0
 
 

@@ -30,7 +30,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..loading import load_tokenizer, save_generator
+from ..loading import (
+    CheckpointError,
+    load_into,
+    load_tokenizer,
+    read_generator_config,
+    read_state_dict,
+    save_generator,
+)
 from ..sit import GeneratorConfig, SiT
 from ..tokenizer import SoftVQTokenizer
 from .data import data_set_meta, open_source
@@ -77,6 +84,10 @@ class GeneratorTrainConfig:
     # train on their whitened coordinates; the prior ships inside the generator.
     class_prior_rank: int = 0
     class_prior_shrink: float = 0.1
+    # A generator directory to start from (fine-tune, or train a finished one longer): its
+    # weights replace the random initialisation and its width, depth and heads replace the
+    # ones above; a checkpoint of this run, when there is one, still wins (resume).
+    init_from: str | None = None
 
     def checkpoint_path(self) -> Path:
         return Path(self.ckpt) if self.ckpt else Path(str(self.out).rstrip("/") + ".ckpt.pt")
@@ -167,6 +178,32 @@ def teacher_targets(teacher, dataset, num_tokens: int, batch_size: int = 100, qu
     return torch.cat(out)
 
 
+def with_architecture_of(cfg: GeneratorTrainConfig) -> GeneratorTrainConfig:
+    """``cfg`` with the width, depth and heads of ``cfg.init_from`` (no-op without one)."""
+    if not cfg.init_from:
+        return cfg
+    start, _ = read_generator_config(cfg.init_from)
+    return dataclasses.replace(
+        cfg, hidden_size=start.hidden_size, depth=start.depth, num_heads=start.num_heads
+    )
+
+
+def start_from(gen: SiT, path: str) -> None:
+    """Load ``path``'s weights into the freshly built ``gen``, after checking that it was
+    trained for the same latents and classes (a clear error, not a shape mismatch)."""
+    start, _ = read_generator_config(path)
+    ours = gen.config
+    theirs = (start.input_size, start.in_channels, start.num_classes, start.prior_rank)
+    wanted = (ours.input_size, ours.in_channels, ours.num_classes, ours.prior_rank)
+    if theirs != wanted:
+        raise CheckpointError(
+            f"{path}: trained for {theirs[0]} x {theirs[1]} latents, {theirs[2]}"
+            f" classes, class prior rank {theirs[3]}; this run has {wanted[0]} x {wanted[1]},"
+            f" {wanted[2]} classes, rank {wanted[3]}"
+        )
+    load_into(gen, read_state_dict(path), str(path))
+
+
 def train_generator(
     cfg: GeneratorTrainConfig,
     quiet: bool = False,
@@ -178,6 +215,7 @@ def train_generator(
     ``on_step`` is called after every step (train-demo: ``CoreShare.rebalance``); ``device``:
     see ``loop.training_device``."""
     device = training_device(device)
+    cfg = with_architecture_of(cfg)
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.tokenizer).to(device)
     source = open_source(cfg.data, tok.image_size, size=cfg.train_size, seed=cfg.seed)
@@ -212,6 +250,8 @@ def train_generator(
     )
     gen = SiT(gcfg)
     gen.initialize_weights()
+    if cfg.init_from:
+        start_from(gen, cfg.init_from)
     if gen.prior is not None:
         gen.prior.fit(latents, labels, cfg.class_prior_shrink)
         latents = gen.prior.from_latents(latents, labels)
