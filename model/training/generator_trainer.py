@@ -178,30 +178,16 @@ def teacher_targets(teacher, dataset, num_tokens: int, batch_size: int = 100, qu
     return torch.cat(out)
 
 
-def with_architecture_of(cfg: GeneratorTrainConfig) -> GeneratorTrainConfig:
-    """``cfg`` with the width, depth and heads of ``cfg.init_from`` (no-op without one)."""
-    if not cfg.init_from:
-        return cfg
-    start, _ = read_generator_config(cfg.init_from)
-    return dataclasses.replace(
-        cfg, hidden_size=start.hidden_size, depth=start.depth, num_heads=start.num_heads
-    )
-
-
-def start_from(gen: SiT, path: str) -> None:
-    """Load ``path``'s weights into the freshly built ``gen``, after checking that it was
-    trained for the same latents and classes (a clear error, not a shape mismatch)."""
-    start, _ = read_generator_config(path)
-    ours = gen.config
+def check_start_fits(start: GeneratorConfig, path: str, wanted: tuple[int, int, int, int]):
+    """Refuse ``init_from`` (config ``start``) unless it was trained for this run's
+    (tokens, token width, classes, class prior rank): one clear line, before any encoding."""
     theirs = (start.input_size, start.in_channels, start.num_classes, start.prior_rank)
-    wanted = (ours.input_size, ours.in_channels, ours.num_classes, ours.prior_rank)
     if theirs != wanted:
         raise CheckpointError(
             f"{path}: trained for {theirs[0]} x {theirs[1]} latents, {theirs[2]}"
             f" classes, class prior rank {theirs[3]}; this run has {wanted[0]} x {wanted[1]},"
             f" {wanted[2]} classes, rank {wanted[3]}"
         )
-    load_into(gen, read_state_dict(path), str(path))
 
 
 def train_generator(
@@ -215,10 +201,17 @@ def train_generator(
     ``on_step`` is called after every step (train-demo: ``CoreShare.rebalance``); ``device``:
     see ``loop.training_device``."""
     device = training_device(device)
-    cfg = with_architecture_of(cfg)
+    start = read_generator_config(cfg.init_from)[0] if cfg.init_from else None
+    if start is not None:  # the starting model's shape replaces the configured one
+        cfg = dataclasses.replace(
+            cfg, hidden_size=start.hidden_size, depth=start.depth, num_heads=start.num_heads
+        )
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.tokenizer).to(device)
     source = open_source(cfg.data, tok.image_size, size=cfg.train_size, seed=cfg.seed)
+    if start is not None:
+        wanted = (tok.num_tokens, tok.token_dim, source.num_classes, cfg.class_prior_rank)
+        check_start_fits(start, cfg.init_from, wanted)
     cache = cfg.latents_path()
     if cache.is_file():
         saved = load_file(str(cache))
@@ -250,8 +243,8 @@ def train_generator(
     )
     gen = SiT(gcfg)
     gen.initialize_weights()
-    if cfg.init_from:
-        start_from(gen, cfg.init_from)
+    if start is not None:
+        load_into(gen, read_state_dict(cfg.init_from), cfg.init_from)
     if gen.prior is not None:
         gen.prior.fit(latents, labels, cfg.class_prior_shrink)
         latents = gen.prior.from_latents(latents, labels)
