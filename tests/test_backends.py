@@ -12,8 +12,10 @@ import json
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from model import backends
+from model.backends.compiled import CompiledGeneratorRunner, CompiledTokenizerRunner
 from tests.tiny_models import make_generator, make_tokenizer
 
 BUCKETS = [1, 4]
@@ -106,7 +108,11 @@ def test_only_fixed_shape_runners_pad(images):
     g(torch.zeros(3, 8, 8), torch.ones(3), torch.tensor([1, 2, 3]))
     assert calls == [[1, 2, 3, gen.num_classes]]
     assert not backends.RUNNERS["eager"][0].fixed_shapes
-    assert backends.RUNNERS["compile"][0].fixed_shapes
+    # compile: static graphs (CUDA graphs) pad; on the CPU its batch axis is dynamic.
+    assert not backends.make_tokenizer_runner(tok, "compile").fixed_shapes
+    assert not backends.make_generator_runner(gen, "compile").fixed_shapes
+    assert CompiledTokenizerRunner(tok, dynamic_batch=False).fixed_shapes
+    assert CompiledGeneratorRunner(gen, dynamic_batch=False).fixed_shapes
 
 
 def test_unknown_backend_is_a_clear_error(tiny_tokenizer):
@@ -135,16 +141,27 @@ def test_eager_with_fused_kernel_modules_matches(images):
 
 @pytest.mark.slow
 def test_compile_tokenizer_float32(images):
+    """On the CPU, compile's batch axis is dynamic: warm-up builds a graph for a batch of one
+    and one for the rest, and no batch size builds another (nor is padded)."""
     tok = make_tokenizer()
     runner = backends.make_tokenizer_runner(tok, "compile", buckets=BUCKETS)
-    assert runner.backend == "compile"
-    check_tokenizer(runner, tok, images, torch.float32)  # 5 images = 4 + 1: two buckets
+    assert runner.backend == "compile" and not runner.fixed_shapes
+    runner.warmup()
+    graphs = counters["stats"]["unique_graphs"]
+    for n in (2, 3, 5, 7, 16):
+        images_n = images[torch.arange(n) % len(images)]
+        tokens, _ = runner.encode(images_n)
+        assert tokens.shape == (n, tok.num_tokens, tok.token_dim)
+        assert runner.decode(torch.randn(n, tok.num_tokens, tok.token_dim)).shape[0] == n
+    assert counters["stats"]["unique_graphs"] == graphs
+    check_tokenizer(runner, tok, images, torch.float32)  # 5 images, one call
 
 
 @pytest.mark.slow
 def test_compile_generator_bfloat16():
+    """Static graphs (as on CUDA, where CUDA graphs need them): batches padded to a bucket."""
     gen = make_generator().to(torch.bfloat16)
-    runner = backends.make_generator_runner(gen, "compile", buckets=[8])
+    runner = CompiledGeneratorRunner(gen, buckets=[8], dynamic_batch=False)
     check_generator(runner, gen, torch.bfloat16)  # 6 padded to 8 with null-class rows
 
 

@@ -1,10 +1,10 @@
 """Batch buckets: the fixed batch sizes that shape-specialised backends are built for.
 
-A backend that needs fixed shapes (``compile``, whose graphs and CUDA graphs are static;
-ONNX Runtime on GPU providers, whose TensorRT engines are) runs every batch padded up to the
+A backend that needs fixed shapes (``compile`` on CUDA, whose CUDA graphs are static; ONNX
+Runtime on GPU providers, whose TensorRT engines are) runs every batch padded up to the
 smallest bucket that holds it, and batches above the largest bucket in chunks of it. Only the
 runner pads (``TokenizerRunner.fixed_shapes``): a backend with a dynamic batch axis (eager,
-ONNX on the CPU) sees the batch as it is and pays for no zero rows.
+``compile`` and ONNX on the CPU) sees the batch as it is and pays for no zero rows.
 """
 
 from __future__ import annotations
