@@ -8,8 +8,9 @@ batches run in chunks of the largest) and only one graph per bucket is ever buil
 On the CPU inductor's C++ code fuses the elementwise work between the GEMMs, and nothing needs
 static shapes, so the batch axis is dynamic and batches are not padded (as ONNX on the CPU):
 dynamo specialises a batch of one, so two graphs per model function instead of one per bucket.
-Measured on the demo models (BENCHMARKS.md, "compile with a dynamic batch axis"): proving
-compile at the five default buckets took 2.3x less time, at the same seconds per call.
+Measured on the demo models (BENCHMARKS.md, "compile on the CPU with a dynamic batch axis"):
+proving compile at the five default buckets took 2.3x less time, at the same seconds per call
+at bucket sizes and fewer off them (no padding rows).
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class CompiledGraph:
     size any compiled graph has been called with (bounded by models x buckets for static
     graphs, which are only called at bucket sizes; a generous count for a dynamic batch axis,
     which compiles at most two per model), twice over for the grad modes a graph may be
-    guarded on, plus dynamo's own default as slack. No model can hit the limit because another was
-    compiled first, whatever the number of models or the bucket list.
+    guarded on, plus dynamo's own default as slack. No model can hit the limit because another
+    was compiled first, whatever the number of models or the bucket list.
     """
 
     _lock = threading.Lock()
