@@ -20,10 +20,12 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 
 import torch
 
 from model.backends import DEFAULT_BUCKETS, build_runner
+from model.backends.auto import probe_calls
 from model.backends.compiled import CompiledGeneratorRunner, CompiledTokenizerRunner
 from model.demo import DEMO_GENERATORS, DEMO_TOKENIZERS, demo_path
 from model.loading import load_generator, load_tokenizer
@@ -41,15 +43,6 @@ def runners(kind: str, module) -> dict:
     }
 
 
-def call(kind: str, module, runner, n: int, g: torch.Generator):
-    if kind == "tokenizer":
-        tokens = torch.randn(n, module.num_tokens, module.token_dim, generator=g)
-        return lambda: runner.decode(tokens)
-    x = torch.randn(n, module.num_tokens, module.token_dim, generator=g)
-    t, y = torch.rand(n, generator=g), torch.randint(0, module.num_classes, (n,), generator=g)
-    return lambda: runner(x, t, y)
-
-
 def measure(kind: str, name: str, module, reps: int, order: int) -> dict:
     rs = runners(kind, module)
     warm = {}
@@ -59,8 +52,10 @@ def measure(kind: str, name: str, module, reps: int, order: int) -> dict:
         t0 = time.perf_counter()
         rs[mode].warmup()
         warm[mode] = time.perf_counter() - t0
-    g = torch.Generator().manual_seed(0)
-    calls = {(m, n): call(kind, module, rs[m], n, g) for m in MODES for n in SIZES}
+    # The same inputs for every runner: auto's probes (decode / one velocity) at each size.
+    timed = "decode" if kind == "tokenizer" else "velocity"
+    probes = {n: probe_calls(kind, rs["eager"], n)[f"{timed}@{n}"] for n in SIZES}
+    calls = {(m, n): partial(probes[n], rs[m]) for m in MODES for n in SIZES}
     for fn in calls.values():
         fn()  # compiled runners: nothing new is built here (the batch sizes' graphs exist)
     times: dict = {key: [] for key in calls}

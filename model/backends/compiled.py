@@ -52,19 +52,22 @@ class CompiledGraph:
     _lock = threading.Lock()
     _variants = 0  # distinct (graph, batch size) pairs called so far, process-wide
 
-    def __init__(self, module: nn.Module, device: torch.device, dynamic_batch: bool):
+    def __init__(self, module: nn.Module, device: torch.device, dynamic_batch: bool | None):
         self.batch_sizes: set[int] = set()
-        self.dynamic_batch = dynamic_batch
-        if device.type == "cuda" and not dynamic_batch:
-            # max-autotune: Triton GEMM autotuning plus CUDA graphs (one per static shape).
-            self.fn = torch.compile(module, mode="max-autotune", dynamic=False, fullgraph=True)
-        elif dynamic_batch:
-            # dynamic=None, with the batch axis marked dynamic at each call (below): only that
-            # axis is symbolic, every other size stays baked into the kernels.
-            # (Weight freezing measured no faster on the benchmark machine; BENCHMARKS.md.)
-            self.fn = torch.compile(module, dynamic=None, fullgraph=True)
-        else:
-            self.fn = torch.compile(module, dynamic=False, fullgraph=True)
+        # Static buckets where CUDA graphs need them, a dynamic batch axis everywhere else.
+        self.dynamic_batch = device.type != "cuda" if dynamic_batch is None else dynamic_batch
+        # Static on CUDA: max-autotune, Triton GEMM autotuning plus CUDA graphs (one per
+        # shape). Dynamic: dynamic=None with the batch axis marked at each call (below), so
+        # only that axis is symbolic and every other size stays baked into the kernels. On
+        # the CPU inductor's C++/OpenMP codegen fuses the elementwise work around the GEMMs
+        # (weight freezing measured no faster on the benchmark machine; BENCHMARKS.md).
+        autotune = device.type == "cuda" and not self.dynamic_batch
+        self.fn = torch.compile(
+            module,
+            mode="max-autotune" if autotune else None,
+            dynamic=None if self.dynamic_batch else False,
+            fullgraph=True,
+        )
 
     def __call__(self, *inputs: torch.Tensor):
         batch = int(inputs[0].shape[0])
@@ -84,12 +87,9 @@ class CompiledGraph:
             return self.fn(*inputs)
 
 
-def dynamic_batch_default(device: torch.device) -> bool:
-    """Static buckets where CUDA graphs need them, a dynamic batch axis everywhere else."""
-    return device.type != "cuda"
-
-
 class CompiledTokenizerRunner(TokenizerRunner):
+    """dynamic_batch: None = the device's default (static on CUDA, dynamic elsewhere)."""
+
     backend = "compile"
 
     def __init__(
@@ -99,14 +99,14 @@ class CompiledTokenizerRunner(TokenizerRunner):
         dynamic_batch: bool | None = None,
     ):
         super().__init__(tok, buckets)
-        if dynamic_batch is None:
-            dynamic_batch = dynamic_batch_default(self.device)
-        self.fixed_shapes = not dynamic_batch  # static graphs: the runner pads to a bucket
         self._encode = CompiledGraph(EncodeGraph(self.tok), self.device, dynamic_batch)
         self._decode = CompiledGraph(DecodeGraph(self.tok), self.device, dynamic_batch)
+        self.fixed_shapes = not self._decode.dynamic_batch  # static graphs: pad to a bucket
 
 
 class CompiledGeneratorRunner(GeneratorRunner):
+    """dynamic_batch: as CompiledTokenizerRunner's."""
+
     backend = "compile"
 
     def __init__(
@@ -116,7 +116,5 @@ class CompiledGeneratorRunner(GeneratorRunner):
         dynamic_batch: bool | None = None,
     ):
         super().__init__(gen, buckets)
-        if dynamic_batch is None:
-            dynamic_batch = dynamic_batch_default(self.device)
-        self.fixed_shapes = not dynamic_batch
         self._velocity = CompiledGraph(self.gen, self.device, dynamic_batch)
+        self.fixed_shapes = not self._velocity.dynamic_batch
