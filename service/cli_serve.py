@@ -3,6 +3,7 @@
     softvq serve                         # API + embedded worker, bundled demo weights
     softvq serve --redis redis://h:6379  # API only; jobs go to Redis Streams
     softvq serve --compare cpu           # + the speed-comparison profile (service/compare.py)
+    softvq serve --models DIR            # the models softvq train-demo --out-dir DIR wrote
     softvq worker --redis redis://h:6379 --metrics-port 9100
     softvq worker --check                # liveness probe of this host's worker: exit 0 / 1
 
@@ -44,7 +45,13 @@ def cmd_serve(args) -> int:
 
     from .app import create_app
 
-    settings = _settings(host=args.host, port=args.port, redis_url=args.redis, compare=args.compare)
+    settings = _settings(
+        host=args.host,
+        port=args.port,
+        redis_url=args.redis,
+        compare=args.compare,
+        models_dir=args.models,
+    )
     _check_models(settings)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     app = create_app(settings)
@@ -81,6 +88,7 @@ def cmd_worker(args) -> int:
         metrics_port=args.metrics_port,
         worker_liveness_file=args.liveness_file,
         compare=args.compare,
+        models_dir=args.models,
     )
     if not settings.redis_url:
         raise UsageError("a worker needs --redis URL (or SOFTVQ_REDIS_URL)")
@@ -102,7 +110,7 @@ def register(sub) -> None:
         help="trust X-Forwarded-For (behind a reverse proxy)",
     )
     p.add_argument("--no-access-log", dest="access_log", action="store_false")
-    _compare_flag(p)
+    _models_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run a Redis Streams worker")
@@ -123,11 +131,17 @@ def register(sub) -> None:
         help="liveness probe: exit 0 if the worker writing --liveness-file is live, else 1"
         " (stuck event loop or batcher, frozen, or not running); does not contact Redis",
     )
-    _compare_flag(p)
+    _models_flags(p)
     p.set_defaults(func=cmd_worker)
 
 
-def _compare_flag(p) -> None:
+def _models_flags(p) -> None:
+    p.add_argument(
+        "--models",
+        metavar="DIR",
+        help="serve the tokenizers and generators in DIR (SOFTVQ_MODELS_DIR), e.g. what"
+        " softvq train-demo --data FOLDER --out-dir DIR trained on your images",
+    )
     p.add_argument(
         "--compare",
         choices=["cpu", "gpu"],

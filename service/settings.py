@@ -42,6 +42,14 @@ class Settings(BaseSettings):
         None,
         description="directory that relative model paths resolve against; model dirs must lie under it when set",
     )
+    models_dir: str | None = Field(
+        None,
+        description=(
+            "a directory of model directories, as softvq train-demo --out-dir writes them:"
+            " every tokenizer in it, and every generator with its tokenizer there, served"
+            " under its directory's name (beside SOFTVQ_TOKENIZERS / SOFTVQ_GENERATORS)"
+        ),
+    )
     tokenizers: dict[str, str] = Field(
         default_factory=dict, description="tokenizer name -> directory"
     )

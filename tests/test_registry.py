@@ -137,10 +137,55 @@ def test_demo_models_are_the_default(tmp_path, monkeypatch, engine_settings_fact
     with pytest.raises(RegistryError, match="no models configured"):
         ModelRegistry.from_settings(empty, load_weights=False)
     # Only the 64-token demo pair on disk: it is served, and is the default.
-    save_tiny_pair(tmp_path, "tmp")
-    (tmp_path / "tmp").rename(tmp_path / "softvq-demo-64")
-    (tmp_path / "sit-tmp").rename(tmp_path / "sit-demo-64")
+    save_tiny_pair(tmp_path, "softvq-demo-64")  # the generator's config names its tokenizer
+    (tmp_path / "sit-softvq-demo-64").rename(tmp_path / "sit-demo-64")
     reg = ModelRegistry.from_settings(empty, load_weights=False)
     assert list(reg.tokenizers) == ["softvq-demo-64"] and list(reg.generators) == ["sit-demo-64"]
     assert (reg.default_tokenizer, reg.default_generator) == ("softvq-demo-64", "sit-demo-64")
     assert reg.generator(None).tokenizer == "softvq-demo-64"
+
+
+def test_a_models_directory_serves_every_pair_in_it(tmp_path, engine_settings_factory):
+    """``SOFTVQ_MODELS_DIR`` / ``softvq serve --models DIR``: a generator pairs with the
+    tokenizer its config.json names; other directories there (the judge) are not models."""
+    models = tmp_path / "models"
+    save_tiny_pair(models, "a")
+    save_tiny_pair(models, "b", seed=3)
+    (models / "judge-classifier").mkdir()
+    (models / "judge-classifier" / "config.json").write_text('{"width": 8}')
+    (models / "judge-classifier" / "model.safetensors").write_bytes(b"")
+    (models / "notes.txt").write_text("not a model")
+    alone = engine_settings_factory(tokenizers={}, generators={}, models_dir=str(models))
+    reg = ModelRegistry.from_settings(alone, load_weights=False)
+    assert sorted(reg.tokenizers) == ["a", "b"] and sorted(reg.generators) == ["sit-a", "sit-b"]
+    assert reg.generator("sit-b").tokenizer == "b"
+    assert (reg.default_tokenizer, reg.default_generator) == ("a", "sit-a")  # the first
+    # Beside the configured models; a relative path resolves against model_root.
+    beside = engine_settings_factory(models_dir="models", model_root=str(tmp_path))
+    with pytest.raises(RegistryError, match="outside model_root"):
+        ModelRegistry.from_settings(beside, load_weights=False)  # tiny's dirs lie elsewhere
+    beside = engine_settings_factory(models_dir=str(models))
+    reg = ModelRegistry.from_settings(beside, load_weights=False)
+    assert sorted(reg.tokenizers) == ["a", "b", "tiny"] and reg.default_tokenizer == "tiny"
+
+
+def test_a_models_directory_that_cannot_be_served_is_refused_in_one_line(
+    tmp_path, engine_settings_factory
+):
+    def refused(models_dir, **kw) -> str:
+        settings = engine_settings_factory(models_dir=str(models_dir), **kw)
+        with pytest.raises(RegistryError) as e:
+            ModelRegistry.from_settings(settings, load_weights=False)
+        return str(e.value)
+
+    none = {"tokenizers": {}, "generators": {}}
+    assert "not a directory" in refused(tmp_path / "nope", **none)
+    (tmp_path / "empty").mkdir()
+    assert "no tokenizer in it" in refused(tmp_path / "empty", **none)
+    save_tiny_pair(tmp_path / "half", "a")
+    (tmp_path / "half" / "a").rename(tmp_path / "half" / "c")  # sit-a's tokenizer renamed
+    assert "samples for tokenizer 'a', which is not in" in refused(tmp_path / "half", **none)
+    save_tiny_pair(tmp_path / "clash", "tiny")  # the configured tokenizer's name
+    assert "named as configured ones: ['sit-tiny', 'tiny']" in refused(tmp_path / "clash")
+    (tmp_path / "clash" / "tiny" / "model.safetensors").unlink()
+    assert "no weights file" in refused(tmp_path / "clash", **none)

@@ -43,13 +43,13 @@ def wait_http_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> 
 
 
 @contextlib.contextmanager
-def serve_process(env: dict[str, str], log_dir):
-    """``softvq serve`` on a free port with ``env``; yields (base URL, process) once /readyz
-    answers 200. On exit: SIGTERM (kill after 30 s) and the log's tail printed."""
+def serve_process(env: dict[str, str], log_dir, args: tuple[str, ...] = ()):
+    """``softvq serve [args]`` on a free port with ``env``; yields (base URL, process) once
+    /readyz answers 200. On exit: SIGTERM (kill after 30 s) and the log's tail printed."""
     port = free_port()
     log = open(log_dir / "serve.log", "w+")
     proc = subprocess.Popen(
-        [*softvq_command(), "serve", "--port", str(port), "--log-level", "warning"],
+        [*softvq_command(), "serve", "--port", str(port), "--log-level", "warning", *args],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

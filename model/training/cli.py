@@ -121,12 +121,30 @@ def register(sub) -> None:
     )
     p.set_defaults(func=_train_generator)
 
-    p = sub.add_parser("train-demo", help="retrain every bundled demo model from scratch")
+    p = sub.add_parser(
+        "train-demo",
+        help="retrain every bundled demo model from scratch, or train the same recipe on your"
+        " own folder of class sub-folders (--data)",
+    )
     p.add_argument("--work-dir", default="runs/demo", help="checkpoints and results (resumable)")
     p.add_argument(
         "--out-dir",
         default=None,
-        help="where finished models are copied (default: the bundled demo_weights)",
+        help="where finished models are copied (default: the bundled demo_weights; required"
+        " with --data FOLDER), ready for softvq serve --models OUT_DIR",
+    )
+    p.add_argument(
+        "--data",
+        default="shapes",
+        help='"shapes" (the built-in set the demo models learn) or a folder of class'
+        " sub-folders of images: the same recipe, teacher and alignment included, on them",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="pixels per side the images are resized and centre-cropped to (a multiple of 16;"
+        " default 32, the recipe's: 64 costs about four times as much per step)",
     )
     p.add_argument(
         "--scale",
@@ -328,11 +346,30 @@ def _train_generator(args) -> int:
 
 def _train_demo(args) -> int:
     from .. import demo
-    from .recipe import WALL_CLOCK, train_demo
+    from .data import ImageFolderSet
+    from .recipe import IMAGE_SIZE, WALL_CLOCK, claim_work_dir, train_demo
 
     set_threads(args.threads)
     device = str(training_device(args.device))
+    image_size = args.image_size or IMAGE_SIZE
+    if image_size < 32 or image_size % 16:
+        raise UsageError(f"--image-size must be a multiple of 16, at least 32 (got {image_size})")
+    if args.data != "shapes":
+        if not args.out_dir:
+            raise UsageError(
+                "--data FOLDER trains models on your images: give --out-dir (the bundled demo"
+                " models are not replaced)"
+            )
+        try:  # a missing folder, no class sub-folders or no images: one line, before any stage
+            ImageFolderSet(args.data, image_size)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
     out_dir = Path(args.out_dir) if args.out_dir else demo.DEMO_WEIGHTS_DIR
+    try:  # a work directory that holds a run on other data is refused here, in one line
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+        claim_work_dir(Path(args.work_dir), args.data, image_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
     # SIGTERM (kill, a container or service stop) unwinds like Ctrl-C: the stages are stopped
     # and the run's wall time is written, ready for the next run to resume.
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -346,6 +383,8 @@ def _train_demo(args) -> int:
             parallel=not args.sequential,
             cores=args.threads,
             device=device,
+            data=args.data,
+            image_size=image_size,
         )
     except KeyboardInterrupt:
         stopped = 130
@@ -369,7 +408,10 @@ def _train_demo(args) -> int:
         f"train-demo: done on {device} in {(time.time() - t0) / 60:.1f} min ({so_far}); "
         f"models in {out_dir}"
     )
-    print(f"read them against the bars: softvq evaluate-demo --weights-dir {out_dir}")
+    if args.data == "shapes":
+        print(f"read them against the bars: softvq evaluate-demo --weights-dir {out_dir}")
+    else:
+        print(f"serve them: softvq serve --models {out_dir}")
     return 0
 
 

@@ -144,6 +144,7 @@ EMA_DECAY = 0.998
 # pilots (-1.5 dB with alignment 0.1), so it is off.
 TEACHER_DIR = "teacher"
 WALL_CLOCK = "wall.json"  # the wall time of every run in a work directory (RunClock)
+TRAINED_ON = "trained_on.json"  # the data and image size of a work directory's run
 TEACHER = {"arch": "cnn", "width": 16}
 # 800 steps: 100 % of held-out shapes. Teachers trained 3200 steps lifted softvq-demo-64 on the
 # AMD EPYC (docs/DEMO_MODELS_LOG.md, twenty-seventh pass: 94.0 -> 96.4 % and 90.0 -> 94.0 % judged,
@@ -206,6 +207,7 @@ def _steps(n: int, scale: float) -> int:
 
 
 def run_judge(work: Path, scale: float, quiet: bool, threads: int, device: str = "cpu") -> Path:
+    """The judge of ``evaluate-demo`` (built-in set only: it names the built-in classes)."""
     torch.set_num_threads(threads)
     out = work / demo.JUDGE_CLASSIFIER
     if not _done(out):
@@ -219,7 +221,13 @@ def run_judge(work: Path, scale: float, quiet: bool, threads: int, device: str =
 
 
 def run_teacher(
-    work: Path, scale: float, quiet: bool, threads: int, device: str = "cpu"
+    work: Path,
+    scale: float,
+    quiet: bool,
+    threads: int,
+    device: str = "cpu",
+    data: str = "shapes",
+    image_size: int = IMAGE_SIZE,
 ) -> Path | None:
     """The frozen teacher, when any loss of the recipe uses it (not bundled)."""
     if not uses_teacher():
@@ -232,19 +240,28 @@ def run_teacher(
             steps=_steps(TEACHER_STEPS, scale),
             ema_decay=EMA_DECAY,
             ckpt=str(work / "ckpt" / "teacher.pt"),
-            image_size=IMAGE_SIZE,
+            data=data,
+            image_size=image_size,
             **TEACHER,
         )
         _timed(work, "teacher", lambda: train_teacher(cfg, quiet=quiet, device=device))
     return out
 
 
-def tokenizer_config(work: Path, tok_name: str, scale: float = 1.0) -> TokenizerTrainConfig:
-    """What the recipe trains ``tok_name`` with, in ``work``."""
+def tokenizer_config(
+    work: Path,
+    tok_name: str,
+    scale: float = 1.0,
+    data: str = "shapes",
+    image_size: int = IMAGE_SIZE,
+) -> TokenizerTrainConfig:
+    """What the recipe trains ``tok_name`` with, in ``work``, on ``data`` (the built-in set or
+    a folder of class sub-folders)."""
     L, D, tok_steps, codebook = TOKENIZERS[tok_name]
     return TokenizerTrainConfig(
         out=str(work / tok_name),
-        image_size=IMAGE_SIZE,
+        data=data,
+        image_size=image_size,
         num_tokens=L,
         token_dim=D,
         codebook_size=codebook,
@@ -265,11 +282,14 @@ def tokenizer_config(work: Path, tok_name: str, scale: float = 1.0) -> Tokenizer
     )
 
 
-def generator_config(work: Path, gen_name: str, scale: float = 1.0) -> GeneratorTrainConfig:
+def generator_config(
+    work: Path, gen_name: str, scale: float = 1.0, data: str = "shapes"
+) -> GeneratorTrainConfig:
     """What the recipe trains ``gen_name`` with, in ``work`` (on its tokenizer there)."""
     return GeneratorTrainConfig(
         out=str(work / gen_name),
         tokenizer=str(work / demo.DEMO_GENERATORS[gen_name]),
+        data=data,
         steps=_steps(GENERATOR_STEPS[gen_name], scale),
         batch_size=GENERATOR_BATCH,
         lr=GENERATOR_LR,
@@ -293,6 +313,8 @@ def run_chain(
     cores: int,
     chains: int = 1,
     device: str = "cpu",
+    data: str = "shapes",
+    image_size: int = IMAGE_SIZE,
 ) -> dict:
     """Tokenizer (on ``cores // chains`` threads, ``chains`` running side by side), then the
     generator on its latents, on this process's share of ``cores``, which grows as the other
@@ -304,10 +326,10 @@ def run_chain(
     with CoreShare(work / "cores", cores, name=name, quiet=quiet) as share:
         if not _done(tok_dir):
             torch.set_num_threads(max(1, cores // chains))
-            tok_cfg = tokenizer_config(work, tok_name, scale)
+            tok_cfg = tokenizer_config(work, tok_name, scale, data, image_size)
             _timed(work, tok_name, lambda: train_tokenizer(tok_cfg, quiet=quiet, device=device))
         if not _done(gen_dir):
-            gen_cfg = generator_config(work, gen_name, scale)
+            gen_cfg = generator_config(work, gen_name, scale, data)
             _timed(
                 work,
                 gen_name,
@@ -338,10 +360,16 @@ def train_demo(
     parallel: bool = True,
     cores: int | None = None,
     device: str = "cpu",
+    data: str = "shapes",
+    image_size: int = IMAGE_SIZE,
 ):
     """Train everything into ``work``; returns {bundled name: finished model directory}
     (the teacher stays in ``work``: it is not bundled). Every stage trains on ``device``
     ("cuda": the processes side by side share the one GPU).
+
+    ``data`` "shapes" is the built-in set the demo models are trained on; a folder of class
+    sub-folders gets the same recipe (teacher, aligned tokenizers, generators with REPA) at
+    ``image_size``, without the judge, which only knows the built-in classes.
 
     The judge and the two tokenizer -> generator chains are independent, so by default they
     run as separate processes: the judge (and first the teacher, when the recipe uses one) on
@@ -355,8 +383,28 @@ def train_demo(
     recipe is timed as a whole); ``work/times.txt`` has a line per stage and run.
     """
     work.mkdir(parents=True, exist_ok=True)
+    claim_work_dir(work, data, image_size)
     with RunClock(work / WALL_CLOCK) as clock:
-        return _train_demo(work, scale, quiet, parallel, cores, device, clock)
+        return _train_demo(work, scale, quiet, parallel, cores, device, clock, data, image_size)
+
+
+def claim_work_dir(work: Path, data: str, image_size: int) -> None:
+    """Record what ``work``'s checkpoints are trained on, and refuse to resume them on other
+    data or another image size (the stages would carry on from checkpoints of the other)."""
+    path = work / TRAINED_ON
+    wanted = {
+        "data": data if data == "shapes" else str(Path(data).resolve()),
+        "image_size": image_size,
+    }
+    if path.is_file():
+        had = json.loads(path.read_text())
+        if had != wanted:
+            raise ValueError(
+                f"{work} holds a run on {had['data']} at {had['image_size']} px, not"
+                f" {wanted['data']} at {wanted['image_size']} px: give another --work-dir"
+            )
+        return
+    path.write_text(json.dumps(wanted) + "\n")
 
 
 def _train_demo(
@@ -367,14 +415,19 @@ def _train_demo(
     cores: int | None,
     device: str,
     clock: RunClock,
+    data: str,
+    image_size: int,
 ):
     finished: dict[str, Path] = {}
+    judged = data == "shapes"
+    on = {"data": data, "image_size": image_size}
     if not parallel:
         threads = torch.get_num_threads()
-        run_teacher(work, scale, quiet, threads, device)
-        finished[demo.JUDGE_CLASSIFIER] = run_judge(work, scale, quiet, threads, device)
+        run_teacher(work, scale, quiet, threads, device, **on)
+        if judged:
+            finished[demo.JUDGE_CLASSIFIER] = run_judge(work, scale, quiet, threads, device)
         for tok_name in TOKENIZERS:
-            finished.update(run_chain(work, tok_name, scale, quiet, threads, 1, device))
+            finished.update(run_chain(work, tok_name, scale, quiet, threads, 1, device, **on))
         return finished
     cores = cores or len(os.sched_getaffinity(0))
     CoreShare.clear(work / "cores")
@@ -391,13 +444,15 @@ def _train_demo(
         ) as pool,
     ):
         try:
-            judge = pool.submit(run_judge, work, scale, quiet, 1, device)
-            pool.submit(run_teacher, work, scale, quiet, 1, device).result()
+            judge = pool.submit(run_judge, work, scale, quiet, 1, device) if judged else None
+            pool.submit(run_teacher, work, scale, quiet, 1, device, **on).result()
             n = len(TOKENIZERS)
             chains = [
-                pool.submit(run_chain, work, t, scale, quiet, cores, n, device) for t in TOKENIZERS
+                pool.submit(run_chain, work, t, scale, quiet, cores, n, device, **on)
+                for t in TOKENIZERS
             ]
-            finished[demo.JUDGE_CLASSIFIER] = judge.result()
+            if judge is not None:
+                finished[demo.JUDGE_CLASSIFIER] = judge.result()
             for c in chains:
                 finished.update(c.result())
         except BaseException as e:
