@@ -85,6 +85,15 @@ def test_train_demo_on_a_folder_then_serve_what_it_wrote(tmp_path):
     assert json.loads((out / "sit-demo-64" / "config.json").read_text())["class_names"] == list(
         CLASSES
     )
+    # evaluate-demo's judge knows the built-in classes only: it says so instead of judging.
+    judged = subprocess.run(
+        [sys.executable, "-m", "service.cli", "evaluate-demo", "--weights-dir", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert judged.returncode == 2 and "trained on other classes (bar, cross, disc)" in judged.stderr
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTVQ_")}
     env.update(HOME=str(tmp_path / "home"), SOFTVQ_BACKEND="eager")
@@ -126,3 +135,18 @@ def test_train_demo_refuses_a_folder_run_it_cannot_do_in_one_line(tmp_path, caps
     err = refused("--data", str(data), "--out-dir", str(tmp_path / "o"))
     assert "holds a run on shapes at 32 px" in err and "another --work-dir" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_set_takes_its_classes_in_turns(tmp_path):
+    """The first images of a folder set hold every class (a tokenizer's latent statistics are
+    measured on the first 2000), also when the classes have different sizes."""
+    from model.training.data import ImageFolderSet
+
+    for name, count in {"a": 3, "b": 1, "c": 2}.items():
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / name / f"{i}.png")
+    ds = ImageFolderSet(tmp_path, image_size=8)
+    assert ds.classes == ("a", "b", "c")
+    assert [ds.label(i) for i in range(len(ds))] == [0, 1, 2, 0, 2, 0]
+    assert [f.name for f, _ in ds.files] == ["0.png", "0.png", "0.png", "1.png", "1.png", "2.png"]

@@ -451,6 +451,18 @@ def _evaluate_demo(args) -> int:
 
     set_threads(args.threads)
     root = Path(args.weights_dir) if args.weights_dir else demo.DEMO_WEIGHTS_DIR
+    for gen_name in demo.DEMO_GENERATORS:  # the judge names the built-in classes only
+        config = root / gen_name / "config.json"
+        names = json.loads(config.read_text()).get("class_names") if config.is_file() else None
+        if names is not None and names != list(CLASSES):
+            raise UsageError(
+                f"{root / gen_name} was trained on other classes ({', '.join(names)}):"
+                " evaluate-demo judges models of the built-in set only"
+            )
+    if not (root / demo.JUDGE_CLASSIFIER / "config.json").is_file():
+        raise UsageError(
+            f"{root}: no {demo.JUDGE_CLASSIFIER} (train-demo writes it beside the models)"
+        )
     judge = load_judge(root / demo.JUDGE_CLASSIFIER)
     results, grids = {}, []
     for gen_name, tok_name in demo.DEMO_GENERATORS.items():

@@ -10,6 +10,7 @@ fast enough to make fresh images on the fly during training.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,7 +224,9 @@ class ImageFolderSet(Dataset):
     """A folder of class sub-folders of images (any PIL-readable format).
 
     Class ids follow the sorted sub-folder names. Images are resized (shorter side) and
-    centre-cropped to ``image_size``; decoded images are kept in memory as uint8.
+    centre-cropped to ``image_size``; decoded images are kept in memory as uint8. The
+    classes take turns in the set's order (as the built-in set's do), so its first images,
+    which measure a tokenizer's latent statistics, hold every class.
     """
 
     def __init__(self, root: str | Path, image_size: int = 64):
@@ -233,11 +236,17 @@ class ImageFolderSet(Dataset):
         self.classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
         if not self.classes:
             raise ValueError(f"{root}: no class sub-folders")
-        self.files: list[tuple[Path, int]] = []
-        for cid, name in enumerate(self.classes):
-            for f in sorted((root / name).rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                    self.files.append((f, cid))
+        per_class = [
+            [
+                (f, cid)
+                for f in sorted((root / name).rglob("*"))
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+            ]
+            for cid, name in enumerate(self.classes)
+        ]
+        # Round robin: one image of each class in turn, while a class has images left.
+        turns = itertools.zip_longest(*per_class)
+        self.files: list[tuple[Path, int]] = [f for turn in turns for f in turn if f]
         if not self.files:
             raise ValueError(f"{root}: no images found in its class sub-folders")
         self.image_size = int(image_size)
