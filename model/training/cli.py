@@ -347,7 +347,7 @@ def _train_generator(args) -> int:
 def _train_demo(args) -> int:
     from .. import demo
     from .data import ImageFolderSet
-    from .recipe import IMAGE_SIZE, WALL_CLOCK, claim_work_dir, train_demo
+    from .recipe import IMAGE_SIZE, WALL_CLOCK, TrainingData, claim_work_dir, train_demo
 
     set_threads(args.threads)
     device = str(training_device(args.device))
@@ -365,9 +365,10 @@ def _train_demo(args) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from e
     out_dir = Path(args.out_dir) if args.out_dir else demo.DEMO_WEIGHTS_DIR
+    on = TrainingData(args.data, image_size)
     try:  # a work directory that holds a run on other data is refused here, in one line
         Path(args.work_dir).mkdir(parents=True, exist_ok=True)
-        claim_work_dir(Path(args.work_dir), args.data, image_size)
+        claim_work_dir(Path(args.work_dir), on)
     except ValueError as e:
         raise UsageError(str(e)) from e
     # SIGTERM (kill, a container or service stop) unwinds like Ctrl-C: the stages are stopped
@@ -383,8 +384,7 @@ def _train_demo(args) -> int:
             parallel=not args.sequential,
             cores=args.threads,
             device=device,
-            data=args.data,
-            image_size=image_size,
+            on=on,
         )
     except KeyboardInterrupt:
         stopped = 130

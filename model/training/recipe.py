@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -128,6 +129,7 @@ GENERATOR_SAMPLING: dict[str, dict | None] = {
 # 0.9998 95.4 / 95.0 %, raw weights 96.4 / 92.8 %: a tie, so the generators keep 0.998 too.
 EMA_DECAY = 0.998
 
+
 # The teacher (our DINOv2 stand-in, model/training/teacher.py) and the switches of the losses
 # that use it. The cnn teacher: 100 % held-out accuracy in 800 steps (the vit of the encoder's
 # shape: 62 % in 1500 steps). Ablation at the recipe's full budget, 64-token chain
@@ -142,6 +144,27 @@ EMA_DECAY = 0.998
 # 25.6 -> 27.5 dB, judged reconstructions 56.4 -> 72.2 %, generated 18.5 -> 36.0 % (teacher
 # 26.5 -> 46 %). The perceptual term cost PSNR and judged reconstructions in the short
 # pilots (-1.5 dB with alignment 0.1), so it is off.
+@dataclass(frozen=True)
+class TrainingData:
+    """What a run trains on: "shapes" (the built-in set the demo models learn) or a folder of
+    class sub-folders, at ``image_size`` pixels a side."""
+
+    data: str = "shapes"
+    image_size: int = IMAGE_SIZE
+
+    @property
+    def built_in(self) -> bool:
+        return self.data == "shapes"
+
+    def record(self) -> dict:
+        """As ``trained_on.json`` keeps it (a folder by its absolute path)."""
+        return {
+            "data": self.data if self.built_in else str(Path(self.data).resolve()),
+            "image_size": self.image_size,
+        }
+
+
+BUILT_IN = TrainingData()
 TEACHER_DIR = "teacher"
 WALL_CLOCK = "wall.json"  # the wall time of every run in a work directory (RunClock)
 TRAINED_ON = "trained_on.json"  # the data and image size of a work directory's run
@@ -226,8 +249,7 @@ def run_teacher(
     quiet: bool,
     threads: int,
     device: str = "cpu",
-    data: str = "shapes",
-    image_size: int = IMAGE_SIZE,
+    on: TrainingData = BUILT_IN,
 ) -> Path | None:
     """The frozen teacher, when any loss of the recipe uses it (not bundled)."""
     if not uses_teacher():
@@ -240,8 +262,8 @@ def run_teacher(
             steps=_steps(TEACHER_STEPS, scale),
             ema_decay=EMA_DECAY,
             ckpt=str(work / "ckpt" / "teacher.pt"),
-            data=data,
-            image_size=image_size,
+            data=on.data,
+            image_size=on.image_size,
             **TEACHER,
         )
         _timed(work, "teacher", lambda: train_teacher(cfg, quiet=quiet, device=device))
@@ -249,19 +271,14 @@ def run_teacher(
 
 
 def tokenizer_config(
-    work: Path,
-    tok_name: str,
-    scale: float = 1.0,
-    data: str = "shapes",
-    image_size: int = IMAGE_SIZE,
+    work: Path, tok_name: str, scale: float = 1.0, on: TrainingData = BUILT_IN
 ) -> TokenizerTrainConfig:
-    """What the recipe trains ``tok_name`` with, in ``work``, on ``data`` (the built-in set or
-    a folder of class sub-folders)."""
+    """What the recipe trains ``tok_name`` with, in ``work``, on ``on``."""
     L, D, tok_steps, codebook = TOKENIZERS[tok_name]
     return TokenizerTrainConfig(
         out=str(work / tok_name),
-        data=data,
-        image_size=image_size,
+        data=on.data,
+        image_size=on.image_size,
         num_tokens=L,
         token_dim=D,
         codebook_size=codebook,
@@ -283,13 +300,14 @@ def tokenizer_config(
 
 
 def generator_config(
-    work: Path, gen_name: str, scale: float = 1.0, data: str = "shapes"
+    work: Path, gen_name: str, scale: float = 1.0, on: TrainingData = BUILT_IN
 ) -> GeneratorTrainConfig:
-    """What the recipe trains ``gen_name`` with, in ``work`` (on its tokenizer there)."""
+    """What the recipe trains ``gen_name`` with, in ``work`` (on its tokenizer there; the
+    image size is the tokenizer's)."""
     return GeneratorTrainConfig(
         out=str(work / gen_name),
         tokenizer=str(work / demo.DEMO_GENERATORS[gen_name]),
-        data=data,
+        data=on.data,
         steps=_steps(GENERATOR_STEPS[gen_name], scale),
         batch_size=GENERATOR_BATCH,
         lr=GENERATOR_LR,
@@ -313,8 +331,7 @@ def run_chain(
     cores: int,
     chains: int = 1,
     device: str = "cpu",
-    data: str = "shapes",
-    image_size: int = IMAGE_SIZE,
+    on: TrainingData = BUILT_IN,
 ) -> dict:
     """Tokenizer (on ``cores // chains`` threads, ``chains`` running side by side), then the
     generator on its latents, on this process's share of ``cores``, which grows as the other
@@ -326,10 +343,10 @@ def run_chain(
     with CoreShare(work / "cores", cores, name=name, quiet=quiet) as share:
         if not _done(tok_dir):
             torch.set_num_threads(max(1, cores // chains))
-            tok_cfg = tokenizer_config(work, tok_name, scale, data, image_size)
+            tok_cfg = tokenizer_config(work, tok_name, scale, on)
             _timed(work, tok_name, lambda: train_tokenizer(tok_cfg, quiet=quiet, device=device))
         if not _done(gen_dir):
-            gen_cfg = generator_config(work, gen_name, scale, data)
+            gen_cfg = generator_config(work, gen_name, scale, on)
             _timed(
                 work,
                 gen_name,
@@ -360,16 +377,14 @@ def train_demo(
     parallel: bool = True,
     cores: int | None = None,
     device: str = "cpu",
-    data: str = "shapes",
-    image_size: int = IMAGE_SIZE,
+    on: TrainingData = BUILT_IN,
 ):
     """Train everything into ``work``; returns {bundled name: finished model directory}
     (the teacher stays in ``work``: it is not bundled). Every stage trains on ``device``
     ("cuda": the processes side by side share the one GPU).
 
-    ``data`` "shapes" is the built-in set the demo models are trained on; a folder of class
-    sub-folders gets the same recipe (teacher, aligned tokenizers, generators with REPA) at
-    ``image_size``, without the judge, which only knows the built-in classes.
+    ``on`` a folder of class sub-folders gets the same recipe (teacher, aligned tokenizers,
+    generators with REPA), without the judge, which only knows the built-in classes.
 
     The judge and the two tokenizer -> generator chains are independent, so by default they
     run as separate processes: the judge (and first the teacher, when the recipe uses one) on
@@ -383,19 +398,16 @@ def train_demo(
     recipe is timed as a whole); ``work/times.txt`` has a line per stage and run.
     """
     work.mkdir(parents=True, exist_ok=True)
-    claim_work_dir(work, data, image_size)
+    claim_work_dir(work, on)
     with RunClock(work / WALL_CLOCK) as clock:
-        return _train_demo(work, scale, quiet, parallel, cores, device, clock, data, image_size)
+        return _train_demo(work, scale, quiet, parallel, cores, device, clock, on)
 
 
-def claim_work_dir(work: Path, data: str, image_size: int) -> None:
+def claim_work_dir(work: Path, on: TrainingData) -> None:
     """Record what ``work``'s checkpoints are trained on, and refuse to resume them on other
     data or another image size (the stages would carry on from checkpoints of the other)."""
     path = work / TRAINED_ON
-    wanted = {
-        "data": data if data == "shapes" else str(Path(data).resolve()),
-        "image_size": image_size,
-    }
+    wanted = on.record()
     if path.is_file():
         had = json.loads(path.read_text())
         if had != wanted:
@@ -415,19 +427,16 @@ def _train_demo(
     cores: int | None,
     device: str,
     clock: RunClock,
-    data: str,
-    image_size: int,
+    on: TrainingData,
 ):
     finished: dict[str, Path] = {}
-    judged = data == "shapes"
-    on = {"data": data, "image_size": image_size}
     if not parallel:
         threads = torch.get_num_threads()
-        run_teacher(work, scale, quiet, threads, device, **on)
-        if judged:
+        run_teacher(work, scale, quiet, threads, device, on)
+        if on.built_in:
             finished[demo.JUDGE_CLASSIFIER] = run_judge(work, scale, quiet, threads, device)
         for tok_name in TOKENIZERS:
-            finished.update(run_chain(work, tok_name, scale, quiet, threads, 1, device, **on))
+            finished.update(run_chain(work, tok_name, scale, quiet, threads, 1, device, on))
         return finished
     cores = cores or len(os.sched_getaffinity(0))
     CoreShare.clear(work / "cores")
@@ -444,11 +453,11 @@ def _train_demo(
         ) as pool,
     ):
         try:
-            judge = pool.submit(run_judge, work, scale, quiet, 1, device) if judged else None
-            pool.submit(run_teacher, work, scale, quiet, 1, device, **on).result()
+            judge = pool.submit(run_judge, work, scale, quiet, 1, device) if on.built_in else None
+            pool.submit(run_teacher, work, scale, quiet, 1, device, on).result()
             n = len(TOKENIZERS)
             chains = [
-                pool.submit(run_chain, work, t, scale, quiet, cores, n, device, **on)
+                pool.submit(run_chain, work, t, scale, quiet, cores, n, device, on)
                 for t in TOKENIZERS
             ]
             if judge is not None:
