@@ -483,3 +483,21 @@ def test_run_clock_adds_up_runs_even_a_killed_one(tmp_path):
         assert clock.total() >= lost["seconds"] + 0.2
     both = json.loads(path.read_text())
     assert both["runs"] == 2 and both["seconds"] >= lost["seconds"] + 0.2
+
+
+def test_a_scaled_recipe_sizes_its_sets_with_its_steps():
+    """``train-demo --scale``: the generator's training set and the images a tokenizer's
+    latent statistics are measured on shrink with the steps (a tenth at 0.1), down to a
+    smoke run's floor; the full recipe keeps its sizes."""
+    from pathlib import Path
+
+    from model.training import recipe
+
+    def sizes(scale):
+        gen = recipe.generator_config(Path("w"), "sit-demo-64", scale)
+        tok = recipe.tokenizer_config(Path("w"), "softvq-demo-64", scale)
+        return gen.train_size, tok.stats_images, gen.steps
+
+    assert sizes(1.0) == (20000, 2000, 32000)
+    assert sizes(0.1) == (2000, 200, 3200)
+    assert sizes(0.001) == (100, 50, 32)

@@ -98,6 +98,7 @@ GENERATOR_STEPS = {"sit-demo-64": 32000, "sit-demo-32": 32000}
 GENERATOR_BATCH = 32
 GENERATOR_LR = 1e-3
 GENERATOR_TRAIN_SIZE = 20000
+STATS_IMAGES = 2000  # training images a tokenizer's vq_mean / vq_std are measured on
 # /generate's defaults for the bundled generators (config.json "sampling"); None: the
 # service's own (50 Euler steps, no guidance). Chosen with the teacher, never the judge: on
 # 200 samples of sit-demo-64 the teacher named 17.5 % (Euler 50, cfg 1), 32.5 % (Euler 50,
@@ -222,6 +223,13 @@ def _steps(n: int, scale: float) -> int:
     return max(2, int(n * scale))
 
 
+def _sized(n: int, scale: float, smallest: int) -> int:
+    """A set's size in a ``--scale``d run: in proportion to its steps (a quick run's
+    generator learns from a tenth of the images, not from a smoke test's hundred), at least
+    ``smallest``, at most the recipe's."""
+    return min(n, max(smallest, int(n * scale)))
+
+
 # The judge, the teacher and the tokenizers train on a fixed number of threads: a thread
 # count that changed with the timing of other processes would change their float results from
 # run to run, and the teacher's differences carry into every model aligned to it (twentieth
@@ -290,7 +298,7 @@ def tokenizer_config(
         patch_size=TOKENIZER_PATCH,
         pos_init=TOKENIZER_POS_INIT,
         ema_decay=EMA_DECAY,
-        stats_images=2000 if scale >= 1 else 50,
+        stats_images=_sized(STATS_IMAGES, scale, 50),
         teacher=str(work / TEACHER_DIR) if uses_teacher() else None,
         align_weight=TOKENIZER_ALIGN_WEIGHT.get(tok_name, 0.0),
         perceptual_weight=TOKENIZER_PERCEPTUAL_WEIGHT,
@@ -312,7 +320,7 @@ def generator_config(
         batch_size=GENERATOR_BATCH,
         lr=GENERATOR_LR,
         ema_decay=EMA_DECAY,
-        train_size=GENERATOR_TRAIN_SIZE if scale >= 1 else 100,
+        train_size=_sized(GENERATOR_TRAIN_SIZE, scale, 100),
         teacher=str(work / TEACHER_DIR) if uses_teacher() else None,
         repa_weight=GENERATOR_REPA_WEIGHT.get(gen_name, 0.0),
         repa_block=GENERATOR_REPA_BLOCK.get(gen_name, 0),
