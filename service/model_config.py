@@ -86,14 +86,16 @@ def models_in(directory: Path) -> tuple[dict[str, str], dict[str, tuple[str, str
             raise RegistryError(f"{sub / 'config.json'}: {e}") from e
         if not isinstance(config, dict):
             continue
-        try:
-            weights_file(sub)
-        except CheckpointError as e:
-            raise RegistryError(str(e)) from e
         if "num_latent_tokens" in config:
             toks[sub.name] = str(sub)
         elif isinstance(config.get("tokenizer"), str) and "hidden_size" in config:
             pairs[sub.name] = (str(sub), config["tokenizer"])
+        else:
+            continue
+        try:  # a model directory without its weights: said now, not at load time
+            weights_file(sub)
+        except CheckpointError as e:
+            raise RegistryError(str(e)) from e
     if not toks:
         raise RegistryError(f"models directory {directory}: no tokenizer in it")
     for name, (_, tok) in pairs.items():

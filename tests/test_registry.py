@@ -152,8 +152,7 @@ def test_a_models_directory_serves_every_pair_in_it(tmp_path, engine_settings_fa
     save_tiny_pair(models, "a")
     save_tiny_pair(models, "b", seed=3)
     (models / "judge-classifier").mkdir()
-    (models / "judge-classifier" / "config.json").write_text('{"width": 8}')
-    (models / "judge-classifier" / "model.safetensors").write_bytes(b"")
+    (models / "judge-classifier" / "config.json").write_text('{"width": 8}')  # no weights
     (models / "notes.txt").write_text("not a model")
     alone = engine_settings_factory(tokenizers={}, generators={}, models_dir=str(models))
     reg = ModelRegistry.from_settings(alone, load_weights=False)
