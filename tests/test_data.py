@@ -86,7 +86,7 @@ def test_image_folder_set(tmp_path):
     ds = src.dataset
     assert isinstance(ds, ImageFolderSet) and len(ds) == 6
     x, y = ds.batch(range(6))
-    assert x.shape == (6, 3, 32, 32) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert x.shape == (6, 3, 32, 32) and y.tolist() == [0, 1, 0, 1, 0, 1]  # classes in turns
     assert x[0, 0].mean() > 0.5 and x[5, 2].mean() > 0.5  # red cats, blue dogs
 
 
