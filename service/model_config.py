@@ -5,7 +5,6 @@ the bundled demo weights found on disk. Names and paths only; service/registry.p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -73,7 +72,7 @@ def models_in(directory: Path) -> tuple[dict[str, str], dict[str, tuple[str, str
     config.json tells them apart: a tokenizer's has ``num_latent_tokens``, a generator's
     names the ``tokenizer`` it samples for, which must be in ``directory`` too. Anything else
     there (the judge classifier, a file) is not served."""
-    from model.loading import CheckpointError, weights_file
+    from model.loading import CheckpointError, read_config, weights_file
 
     if not directory.is_dir():
         raise RegistryError(f"models directory {directory}: not a directory")
@@ -81,9 +80,9 @@ def models_in(directory: Path) -> tuple[dict[str, str], dict[str, tuple[str, str
     pairs: dict[str, tuple[str, str]] = {}
     for sub in sorted(p for p in directory.iterdir() if (p / "config.json").is_file()):
         try:
-            config = json.loads((sub / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise RegistryError(f"{sub / 'config.json'}: {e}") from e
+            config = read_config(sub)
+        except (CheckpointError, OSError) as e:
+            raise RegistryError(str(e)) from e
         if not isinstance(config, dict):
             continue
         if "num_latent_tokens" in config:

@@ -436,7 +436,7 @@ def settings_for(gen_dir: Path, args=None):
 
 def _evaluate_demo(args) -> int:
     from .. import demo
-    from ..loading import load_generator, load_tokenizer
+    from ..loading import load_generator, load_tokenizer, read_config
     from .classifier import load_judge
     from .data import CLASSES
     from .evaluate import (
@@ -452,8 +452,8 @@ def _evaluate_demo(args) -> int:
     set_threads(args.threads)
     root = Path(args.weights_dir) if args.weights_dir else demo.DEMO_WEIGHTS_DIR
     for gen_name in demo.DEMO_GENERATORS:  # the judge names the built-in classes only
-        config = root / gen_name / "config.json"
-        names = json.loads(config.read_text()).get("class_names") if config.is_file() else None
+        found = (root / gen_name / "config.json").is_file()
+        names = read_config(root / gen_name).get("class_names") if found else None
         if names is not None and names != list(CLASSES):
             raise UsageError(
                 f"{root / gen_name} was trained on other classes ({', '.join(names)}):"
