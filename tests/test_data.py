@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -11,6 +12,7 @@ from model.training.data import (
     ImageFolderSet,
     ProceduralShapes,
     batches,
+    held_out_set,
     open_source,
 )
 
@@ -97,3 +99,32 @@ def test_image_folder_without_classes_is_an_error(tmp_path):
         assert "no class sub-folders" in str(e)
         return
     raise AssertionError("an empty folder was accepted")
+
+
+def test_a_folder_holds_every_tenth_image_of_a_class_out(tmp_path):
+    """Every training stage reads a folder's training split; evaluate-demo its held-out split,
+    every 10th image of a class by file name: the two never share an image."""
+    for name, count in {"a": 25, "b": 9}.items():
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            Image.new("RGB", (8, 8), (i * 9, 0, 0)).save(tmp_path / name / f"{i:02d}.png")
+    train = open_source(str(tmp_path), image_size=8).dataset  # the trainers' default
+    held_out = held_out_set(str(tmp_path), image_size=8, size=1000)
+    everything = ImageFolderSet(tmp_path, image_size=8, split="all")
+    assert [(f.parent.name, f.name) for f, _ in held_out.files] == [
+        ("a", "09.png"),
+        ("a", "19.png"),
+    ]
+    assert len(train) == 32 and len(everything) == 34
+    assert not {f for f, _ in train.files} & {f for f, _ in held_out.files}
+    assert held_out.classes == train.classes == ("a", "b")  # ids agree across the splits
+    x, y = held_out.batch(range(2))
+    assert y.tolist() == [0, 0] and x.shape == (2, 3, 8, 8)
+    # No class with ten images: nothing to hold out, said in one line.
+    for f in (tmp_path / "a").glob("*.png"):
+        if f.name >= "09":
+            f.unlink()
+    with pytest.raises(ValueError, match="no held-out images"):
+        held_out_set(str(tmp_path), image_size=8, size=10)
+    with pytest.raises(ValueError, match="split"):
+        ImageFolderSet(tmp_path, split="test")

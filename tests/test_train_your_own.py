@@ -1,7 +1,8 @@
 """Your own images, end to end (issue #14: "the same three-stage command works on a user's
 folder of class sub-folders"): ``softvq train-demo --data FOLDER --out-dir DIR`` runs the demo
-recipe (teacher, aligned tokenizers, generators with REPA) on the folder, and
-``softvq serve --models DIR`` serves what it wrote, with the folder's class names.
+recipe (judge, teacher, aligned tokenizers, generators with REPA) on the folder's training
+split, ``softvq evaluate-demo --weights-dir DIR`` measures what it wrote on the folder's
+held-out split, and ``softvq serve --models DIR`` serves it, with the folder's class names.
 
 Real processes, the real recipe at a tiny scale (a few steps a stage: the plumbing, not the
 quality; docs/DEMO_MODELS.md has a run at a tenth of the recipe on a folder)."""
@@ -12,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 CLASSES = ("bar", "cross", "disc")  # sorted: class ids follow the sub-folders' sorted names
 
 
-def image_folder(root: Path, per_class: int = 6) -> Path:
+def image_folder(root: Path, per_class: int = 20) -> Path:
+    # 20 a class: the 10th and 20th are held out, two a class to measure diversity on
     """Class sub-folders of small drawn shapes, 48 x 40 (not square: resized and cropped)."""
     rng = random.Random(0)
     for name in CLASSES:
@@ -67,9 +70,11 @@ def test_train_demo_on_a_folder_then_serve_what_it_wrote(tmp_path):
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=500)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert f"serve them: softvq serve --models {out}" in run.stdout
+    assert f"softvq evaluate-demo --weights-dir {out}" in run.stdout
     assert bundled_digest() == before  # the bundled demo models are not replaced
-    # The four models of the recipe; the judge (it knows only the built-in classes) is not.
+    # The four models of the recipe and a judge of the folder's classes.
     assert sorted(p.name for p in out.iterdir()) == [
+        "judge-classifier",
         "sit-demo-32",
         "sit-demo-64",
         "softvq-demo-32",
@@ -77,7 +82,9 @@ def test_train_demo_on_a_folder_then_serve_what_it_wrote(tmp_path):
     ]
     teacher = json.loads((work / "teacher" / "training.json").read_text())
     assert teacher["data_set"] == {"name": "folder", "path": str(data.resolve())}
-    assert 0.0 <= teacher["training_accuracy"] <= 1.0
+    assert 0.0 <= teacher["held_out_accuracy"] <= 1.0
+    judge = json.loads((out / "judge-classifier" / "training.json").read_text())
+    assert judge["classes"] == list(CLASSES) and judge["held_out_images"] == 6
     for name in ("softvq-demo-64", "sit-demo-64"):
         trained = json.loads((out / name / "training.json").read_text())
         assert trained["trained_with"]["data"] == str(data)
@@ -85,15 +92,39 @@ def test_train_demo_on_a_folder_then_serve_what_it_wrote(tmp_path):
     assert json.loads((out / "sit-demo-64" / "config.json").read_text())["class_names"] == list(
         CLASSES
     )
-    # evaluate-demo's judge knows the built-in classes only: it says so instead of judging.
+    # evaluate-demo finds the folder in training.json and measures on its held-out split.
+    numbers = tmp_path / "numbers.json"
     judged = subprocess.run(
-        [sys.executable, "-m", "service.cli", "evaluate-demo", "--weights-dir", str(out)],
+        [sys.executable, "-m", "service.cli", "evaluate-demo", "--weights-dir", str(out)]
+        + ["--per-class", "2", "--json", str(numbers), "--steps", "2", "--noised"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
-    assert judged.returncode == 2 and "trained on other classes (bar, cross, disc)" in judged.stderr
+    assert judged.returncode == 0, judged.stdout[-2000:] + judged.stderr[-2000:]
+    assert f"on {data.resolve()}'s held-out images" in judged.stdout
+    assert "generated, judged per class: bar" in judged.stdout
+    for pair, r in json.loads(numbers.read_text()).items():
+        assert r["psnr_images"] == 6 and r["generated_images"] == 6, pair
+        assert sorted(r["diversity_per_class"]) == ["0", "1", "2"], pair
+        assert 0.0 <= r["reconstruction_accuracy"] <= 1.0 and "missed_bars" not in r, pair
+        assert sorted(r["accuracy_from_noised_latents"]) == ["0.0", "0.3", "0.6", "0.8", "1.0"]
+
+    def refused(*args: str) -> str:
+        cmd = [sys.executable, "-m", "service.cli", "evaluate-demo", "--weights-dir", str(out)]
+        r = subprocess.run(cmd + list(args), cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stdout + r.stderr
+        return r.stderr
+
+    assert "give --data FOLDER" in refused("--data", "shapes")
+    assert "fits the built-in set's shapes" in refused("--outlines")
+    few = image_folder(tmp_path / "few", per_class=3)
+    assert "no held-out images" in refused("--data", str(few))
+    # A judge of other classes (here the bundled one, of the built-in set) is refused too.
+    shutil.rmtree(out / "judge-classifier")
+    shutil.copytree(demo.demo_path(demo.JUDGE_CLASSIFIER), out / "judge-classifier")
+    assert "names other classes (circle, square" in refused()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOFTVQ_")}
     env.update(HOME=str(tmp_path / "home"), SOFTVQ_BACKEND="eager")

@@ -1,8 +1,8 @@
 """A small CNN that judges which class an image shows.
 
-It is trained on the data set itself (never on generated images) and only used to score the
-generators: a generated image counts as correct when the judge names the class that was asked
-for. Saved like the models: a directory with config.json + model.safetensors.
+It is trained on the data set itself (the built-in set, or a folder's training split; never on
+generated images) and only used to score the generators, never in a loss: a generated image
+counts as correct when the judge names the class that was asked for. Saved like the models: a directory with config.json + model.safetensors.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data import ProceduralShapes, batches, data_set_meta
+from .data import batches, data_set_meta, held_out_set, open_source
 from .loop import lr_at, progress, set_lr, training_device, write_training_json
 
 
@@ -103,19 +103,22 @@ def train_judge(
     seed: int = 0,
     quiet: bool = False,
     device: str | torch.device = "cpu",
-) -> float:
-    """Train on the built-in set (fresh images every step), save, and return the accuracy on
-    1000 held-out images (another seed). ``device``: see ``loop.training_device``."""
+    data: str = "shapes",
+) -> float | None:
+    """Train on ``data``, save, and return the accuracy on held-out images: the built-in set
+    (fresh images every step; 1000 held-out images of another seed) or a folder's training
+    split (its held-out split; None when it has none). ``device``: see
+    ``loop.training_device``."""
     device = training_device(device)
     torch.manual_seed(seed)
-    train = ProceduralShapes(steps * batch_size, seed=seed + 7919, image_size=image_size)
-    judge = Judge(ClassifierConfig.for_size(len(train.classes), image_size)).to(device)
+    source = open_source(data, image_size, size=steps * batch_size, seed=seed + 7919)
+    judge = Judge(ClassifierConfig.for_size(source.num_classes, image_size)).to(device)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     judge.train()
     bar = progress(steps, 0, "judge classifier", quiet)
-    data = batches(train, batch_size, seed)
+    batch_stream = batches(source.dataset, batch_size, seed)
     for step in range(steps):
-        images, labels = next(data)
+        images, labels = next(batch_stream)
         images, labels = images.to(device), labels.to(device)
         set_lr(opt, lr_at(step, steps, lr, warmup=50, final_fraction=0.02))
         loss = F.cross_entropy(judge(images), labels)
@@ -126,18 +129,35 @@ def train_judge(
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
     judge.cpu().eval()  # released, and read, on the CPU
-    held_out = ProceduralShapes(1000, seed=seed + 104729, image_size=image_size)
-    images, labels = held_out.batch(range(1000))
-    acc = float((judge.predict(images) == labels).float().mean())
+    acc, held_out = _held_out_accuracy(judge, data, image_size, seed)
     save_judge(judge, out)
     meta = {
         "held_out_accuracy": acc,
+        "held_out_images": held_out,
         "steps": steps,
         "batch_size": batch_size,
         "seed": seed,
-        "data_set": data_set_meta("shapes"),
+        "data_set": data_set_meta(data),
+        "classes": list(source.classes),
     }
     write_training_json(out, meta, device)
     if not quiet:
-        print(f"judge: held-out accuracy {acc:.4f}")
+        said = "no held-out images" if acc is None else f"{acc:.4f} on {held_out} images"
+        print(f"judge: held-out accuracy {said}")
     return acc
+
+
+def _held_out_accuracy(
+    judge: Judge, data: str, image_size: int, seed: int
+) -> tuple[float | None, int]:
+    """(accuracy, images) on the built-in set's 1000 held-out images of another seed than
+    training's, or on all of a folder's held-out split ((None, 0) when it has none)."""
+    try:
+        held_out = held_out_set(data, image_size, 1000, seed=seed + 104729)
+    except ValueError:  # a folder whose classes have fewer than ten images each
+        return None, 0
+    correct = 0
+    for start in range(0, len(held_out), 1000):
+        images, labels = held_out.batch(range(start, min(len(held_out), start + 1000)))
+        correct += int((judge.predict(images) == labels).sum())
+    return correct / len(held_out), len(held_out)

@@ -36,6 +36,16 @@ CLASSES: tuple[str, ...] = (
 )
 NUM_CLASSES = len(CLASSES)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# A folder's held-out split: every tenth image of a class. The built-in set has no split: its
+# held-out images are drawn from seeds no model trains on.
+HELD_OUT_EVERY = 10
+SPLITS = ("train", "held_out", "all")
+HELD_OUT_SEED = 1_000_000  # the built-in set's held-out images (the demo models train on seed 0)
+
+
+def _held_out(index_in_class: int) -> bool:
+    return index_in_class % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+
 
 # Params per image, in this order (all in units of the image side, angles in radians).
 _P = (
@@ -227,10 +237,16 @@ class ImageFolderSet(Dataset):
     centre-cropped to ``image_size``; decoded images are kept in memory as uint8. The
     classes take turns in the set's order (as the built-in set's do), so its first images,
     which measure a tokenizer's latent statistics, hold every class.
+
+    ``split``: every ``HELD_OUT_EVERY``-th image of each class by file name (the 10th, 20th,
+    ...) is held out: "train" leaves them out (what every training stage reads), "held_out"
+    is only them (what ``evaluate-demo`` measures a folder run on), "all" is both.
     """
 
-    def __init__(self, root: str | Path, image_size: int = 64):
+    def __init__(self, root: str | Path, image_size: int = 64, split: str = "all"):
         root = Path(root)
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: one of {', '.join(SPLITS)}")
         if not root.is_dir():
             raise ValueError(f"{root}: not a directory")
         self.classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
@@ -239,8 +255,12 @@ class ImageFolderSet(Dataset):
         per_class = [
             [
                 (f, cid)
-                for f in sorted((root / name).rglob("*"))
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                for i, f in enumerate(
+                    f
+                    for f in sorted((root / name).rglob("*"))
+                    if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                )
+                if split == "all" or (split == "held_out") == _held_out(i)
             ]
             for cid, name in enumerate(self.classes)
         ]
@@ -248,6 +268,11 @@ class ImageFolderSet(Dataset):
         turns = itertools.zip_longest(*per_class)
         self.files: list[tuple[Path, int]] = [f for turn in turns for f in turn if f]
         if not self.files:
+            if split == "held_out":
+                raise ValueError(
+                    f"{root}: no held-out images (every {HELD_OUT_EVERY}th image of a class"
+                    f" is held out: a class needs {HELD_OUT_EVERY} images or more)"
+                )
             raise ValueError(f"{root}: no images found in its class sub-folders")
         self.image_size = int(image_size)
         self._cache: dict[int, torch.Tensor] = {}
@@ -291,13 +316,24 @@ def data_set_meta(data: str) -> dict:
     return {"name": "folder", "path": str(Path(data).resolve())}
 
 
-def open_source(data: str, image_size: int, size: int = 50_000, seed: int = 0) -> DataSource:
-    """``data`` is "shapes" (the built-in set; ``size`` images from ``seed``) or a folder."""
+def open_source(
+    data: str, image_size: int, size: int = 50_000, seed: int = 0, split: str = "train"
+) -> DataSource:
+    """``data`` is "shapes" (the built-in set; ``size`` images from ``seed``) or a folder, of
+    which the trainers read the "train" ``split`` (``ImageFolderSet``)."""
     if data == "shapes":
         ds = ProceduralShapes(size, seed=seed, image_size=image_size)
     else:
-        ds = ImageFolderSet(data, image_size=image_size)
+        ds = ImageFolderSet(data, image_size=image_size, split=split)
     return DataSource(ds, tuple(ds.classes), image_size)
+
+
+def held_out_set(data: str, image_size: int, size: int, seed: int = HELD_OUT_SEED) -> Dataset:
+    """Real images no model of ``data`` trained on: ``size`` fresh built-in images from
+    ``seed``, or a folder's held-out split (all of it; ``size`` and ``seed`` do not apply)."""
+    if data == "shapes":
+        return ProceduralShapes(size, seed=seed, image_size=image_size)
+    return ImageFolderSet(data, image_size=image_size, split="held_out")
 
 
 def batches(dataset: Dataset, batch_size: int, seed: int, start_step: int = 0):

@@ -1,11 +1,15 @@
-"""Quality of a tokenizer / generator pair on the built-in set.
+"""Quality of a tokenizer / generator pair, on the built-in set or a folder of images.
 
-- reconstruction: mean PSNR (8-bit pixels) over held-out images (a seed never trained on);
+- reconstruction: mean PSNR (8-bit pixels) over held-out images (the built-in set: a seed
+  never trained on; a folder: its held-out split, ``data.ImageFolderSet``);
 - generation: class accuracy of generated images (with guidance) as judged by the separately
   trained classifier; and diversity: mean pairwise RMS distance between samples of one class,
-  divided by the same for real images of that class (about 1 = as varied as the data,
+  divided by the same for real held-out images of that class (about 1 = as varied as the data,
   near 0 = copies);
 - a PNG grid with a row per class.
+
+Where a function takes ``real`` (a data set of held-out images), None means the built-in set's
+held-out images.
 """
 
 from __future__ import annotations
@@ -19,10 +23,8 @@ import torch
 from ..images import make_grid, psnr, to_pil
 from ..pipeline import generate
 from ..sampling import sample
-from .data import ProceduralShapes
+from .data import HELD_OUT_SEED, ProceduralShapes, held_out_set
 from .shape_fit import outline_iou
-
-HELD_OUT_SEED = 1_000_000  # the demo models train on seed 0
 
 
 @dataclass(frozen=True)
@@ -73,19 +75,23 @@ class GenerationSettings:
 
 
 @torch.no_grad()
-def reconstruction_psnr(tok, count: int = 500, seed: int = HELD_OUT_SEED, batch_size: int = 100):
+def reconstruction_psnr(
+    tok, count: int = 500, seed: int = HELD_OUT_SEED, batch_size: int = 100, real=None
+):
     """Per-image PSNR of decode(encode(x)) on ``count`` held-out images."""
-    return reconstruction_quality(tok, None, count, seed, batch_size)[0]
+    return reconstruction_quality(tok, None, count, seed, batch_size, real)[0]
 
 
 @torch.no_grad()
 def reconstruction_quality(
-    tok, judge, count: int = 500, seed: int = HELD_OUT_SEED, batch_size: int = 100
+    tok, judge, count: int = 500, seed: int = HELD_OUT_SEED, batch_size: int = 100, real=None
 ):
-    """(per-image PSNR, judged accuracy) of decode(encode(x)) on ``count`` held-out images;
-    the accuracy (the judge naming the reconstruction's class) is None without a judge. It
-    is the ceiling for generated images, which are decoded through the same decoder."""
-    data = ProceduralShapes(count, seed=seed, image_size=tok.image_size)
+    """(per-image PSNR, judged accuracy) of decode(encode(x)) on ``count`` held-out images
+    (at most all of ``real``); the accuracy (the judge naming the reconstruction's class) is
+    None without a judge. It is the ceiling for generated images, which are decoded through
+    the same decoder."""
+    data = real if real is not None else ProceduralShapes(count, seed, tok.image_size)
+    count = min(count, len(data))
     values: list[float] = []
     correct = 0
     for start in range(0, count, batch_size):
@@ -130,6 +136,7 @@ def accuracy_from_noised_latents(
     count: int = 200,
     settings: GenerationSettings | None = None,
     seed: int = HELD_OUT_SEED + 2,
+    real=None,
 ) -> dict[float, float]:
     """Where generation loses the class: held-out images are encoded, their normalised
     latents noised along the training path to time t (x_t = (1 - t) x_0 + t eps), integrated
@@ -139,8 +146,8 @@ def accuracy_from_noised_latents(
     t = 1 is generation from pure noise; the drop in between shows which noise levels the
     generator cannot undo."""
     settings = settings or GenerationSettings()
-    data = ProceduralShapes(count, seed=seed, image_size=tok.image_size)
-    images, labels = data.batch(range(count))
+    data = real if real is not None else ProceduralShapes(count, seed, tok.image_size)
+    images, labels = data.batch(range(min(count, len(data))))
     z0 = (tok.encode(images) - tok.vq_mean) / tok.vq_std
     prior = getattr(gen, "prior", None)  # the generator's own coordinates (model.class_prior)
     z0 = (z0 if prior is None else prior.from_latents(z0, labels)).double()
@@ -172,17 +179,24 @@ def mean_pairwise_distance(images: torch.Tensor) -> float:
     return statistics.mean(d)
 
 
-def diversity(generated: torch.Tensor, labels: torch.Tensor, real_seed: int = HELD_OUT_SEED + 1):
-    """Per class: (mean pairwise distance of samples, of real images, ratio)."""
+def diversity(
+    generated: torch.Tensor, labels: torch.Tensor, real_seed: int = HELD_OUT_SEED + 1, real=None
+):
+    """Per class: (mean pairwise distance of samples, of as many real images, ratio). With
+    ``real`` (a folder's held-out split) a class is compared with the held-out images it has,
+    and left out when it has fewer than two."""
     size = generated.shape[-1]
     out = {}
     for c in labels.unique().tolist():
         samples = generated[labels == c]
         n = len(samples)
-        real_set = ProceduralShapes(n * int(labels.max() + 1), seed=real_seed, image_size=size)
+        real_set = real
+        if real_set is None:
+            real_set = ProceduralShapes(n * int(labels.max() + 1), seed=real_seed, image_size=size)
         idx = [i for i in range(len(real_set)) if real_set.label(i) == c][:n]
-        real, _ = real_set.batch(idx)
-        g, r = mean_pairwise_distance(samples), mean_pairwise_distance(real)
+        if len(idx) < 2:
+            continue
+        g, r = mean_pairwise_distance(samples), mean_pairwise_distance(real_set.batch(idx)[0])
         out[c] = (g, r, g / r)
     return out
 
@@ -220,18 +234,23 @@ def evaluate_pair(
     per_class: int = 20,
     settings: GenerationSettings | None = None,
     seed: int = 0,
+    data: str = "shapes",
 ) -> dict:
-    """All numbers for one tokenizer / generator pair (and the generated images)."""
+    """All numbers for one tokenizer / generator pair (and the generated images), on
+    held-out images of ``data`` (the built-in set, or a folder's held-out split)."""
     settings = settings or GenerationSettings()
-    p, recon_acc = reconstruction_quality(tok, judge, psnr_images)
+    real = None if data == "shapes" else held_out_set(data, tok.image_size, psnr_images)
+    p, recon_acc = reconstruction_quality(tok, judge, psnr_images, real=real)
     images, labels = generate_per_class(tok, gen, per_class, settings, seed=seed)
     pred = judge.predict(images)
     per_class_acc = [float((pred[labels == c] == c).float().mean()) for c in range(gen.num_classes)]
-    div = diversity(images, labels)
+    div = diversity(images, labels, real=real)
+    if not div:
+        raise ValueError(f"{data}: no class has two held-out images to measure diversity on")
     return {
         "psnr_mean": statistics.mean(p),
         "psnr_min": min(p),
-        "psnr_images": psnr_images,
+        "psnr_images": len(p),
         "reconstruction_accuracy": recon_acc,
         "accuracy": float((pred == labels).float().mean()),
         "accuracy_per_class": per_class_acc,

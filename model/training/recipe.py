@@ -237,8 +237,16 @@ def _sized(n: int, scale: float, smallest: int) -> int:
 # different teachers). Only the generators, the last stages, take cores as they free up.
 
 
-def run_judge(work: Path, scale: float, quiet: bool, threads: int, device: str = "cpu") -> Path:
-    """The judge of ``evaluate-demo`` (built-in set only: it names the built-in classes)."""
+def run_judge(
+    work: Path,
+    scale: float,
+    quiet: bool,
+    threads: int,
+    device: str = "cpu",
+    on: TrainingData = BUILT_IN,
+) -> Path:
+    """The judge of ``evaluate-demo``: trained on ``on`` apart from every model, and never
+    used in any of their losses."""
     torch.set_num_threads(threads)
     out = work / demo.JUDGE_CLASSIFIER
     if not _done(out):
@@ -246,7 +254,9 @@ def run_judge(work: Path, scale: float, quiet: bool, threads: int, device: str =
         _timed(
             work,
             out.name,
-            lambda: train_judge(out, steps, image_size=IMAGE_SIZE, quiet=quiet, device=device),
+            lambda: train_judge(
+                out, steps, image_size=on.image_size, quiet=quiet, device=device, data=on.data
+            ),
         )
     return out
 
@@ -391,8 +401,9 @@ def train_demo(
     (the teacher stays in ``work``: it is not bundled). Every stage trains on ``device``
     ("cuda": the processes side by side share the one GPU).
 
-    ``on`` a folder of class sub-folders gets the same recipe (teacher, aligned tokenizers,
-    generators with REPA), without the judge, which only knows the built-in classes.
+    ``on`` a folder of class sub-folders gets the same recipe (judge, teacher, aligned
+    tokenizers, generators with REPA), every stage on the folder's training split; its
+    held-out split is what ``evaluate-demo`` measures the models on.
 
     The judge and the two tokenizer -> generator chains are independent, so by default they
     run as separate processes: the judge (and first the teacher, when the recipe uses one) on
@@ -441,8 +452,7 @@ def _train_demo(
     if not parallel:
         threads = torch.get_num_threads()
         run_teacher(work, scale, quiet, threads, device, on)
-        if on.built_in:
-            finished[demo.JUDGE_CLASSIFIER] = run_judge(work, scale, quiet, threads, device)
+        finished[demo.JUDGE_CLASSIFIER] = run_judge(work, scale, quiet, threads, device, on)
         for tok_name in TOKENIZERS:
             finished.update(run_chain(work, tok_name, scale, quiet, threads, 1, device, on))
         return finished
@@ -461,15 +471,14 @@ def _train_demo(
         ) as pool,
     ):
         try:
-            judge = pool.submit(run_judge, work, scale, quiet, 1, device) if on.built_in else None
+            judge = pool.submit(run_judge, work, scale, quiet, 1, device, on)
             pool.submit(run_teacher, work, scale, quiet, 1, device, on).result()
             n = len(TOKENIZERS)
             chains = [
                 pool.submit(run_chain, work, t, scale, quiet, cores, n, device, on)
                 for t in TOKENIZERS
             ]
-            if judge is not None:
-                finished[demo.JUDGE_CLASSIFIER] = judge.result()
+            finished[demo.JUDGE_CLASSIFIER] = judge.result()
             for c in chains:
                 finished.update(c.result())
         except BaseException as e:

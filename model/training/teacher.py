@@ -31,7 +31,7 @@ from torch import nn
 
 from ..sit import sincos_2d
 from ..vit import VisionTransformer
-from .data import batches, data_set_meta, open_source
+from .data import batches, data_set_meta, held_out_set, open_source
 from .ema import EMA
 from .loop import (
     device_of,
@@ -297,18 +297,17 @@ def _augment(images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def held_out_accuracy(
     teacher: Teacher, data: str, image_size: int, count: int = 500
 ) -> tuple[str, float]:
-    """(what was measured, accuracy): on ``count`` held-out images of the built-in set; a
-    folder has no held-out split, so there it is the share of (up to ``count``, evenly
-    spread) training images the teacher names: whether it learned the classes at all."""
-    if data == "shapes":
-        what = "held-out accuracy"
-        src = open_source("shapes", image_size, size=count, seed=2_000_000)
-        images, labels = src.dataset.batch(range(count))
-    else:
-        what = "training accuracy"
-        ds = open_source(data, image_size).dataset
-        count = min(count, len(ds))
-        images, labels = ds.batch(torch.linspace(0, len(ds) - 1, count).long().tolist())
+    """(what was measured, accuracy): on ``count`` held-out images of the built-in set, or a
+    folder's held-out split (up to ``count``, evenly spread); a folder too small to hold images
+    out (``data.HELD_OUT_EVERY``) gets the share of its training images the teacher names:
+    whether it learned the classes at all."""
+    what = "held-out accuracy"
+    try:
+        ds = held_out_set(data, image_size, count, seed=2_000_000)
+    except ValueError:
+        what, ds = "training accuracy", open_source(data, image_size).dataset
+    count = min(count, len(ds))
+    images, labels = ds.batch(torch.linspace(0, len(ds) - 1, count).long().tolist())
     device = device_of(teacher)
     images, labels = images.to(device), labels.to(device)
     teacher.eval()
