@@ -2,7 +2,8 @@
 
 It is trained on the data set itself (the built-in set, or a folder's training split; never on
 generated images) and only used to score the generators, never in a loss: a generated image
-counts as correct when the judge names the class that was asked for. Saved like the models: a directory with config.json + model.safetensors.
+counts as correct when the judge names the class that was asked for. Saved like the models:
+a directory with config.json + model.safetensors.
 """
 
 from __future__ import annotations
