@@ -128,3 +128,13 @@ def test_a_folder_holds_every_tenth_image_of_a_class_out(tmp_path):
         held_out_set(str(tmp_path), image_size=8, size=10)
     with pytest.raises(ValueError, match="split"):
         ImageFolderSet(tmp_path, split="test")
+
+
+def test_a_damaged_image_is_named_when_read(tmp_path):
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "good.png")
+    (tmp_path / "a" / "bad.png").write_text("not an image")
+    ds = ImageFolderSet(tmp_path, image_size=8)
+    assert [b.split(":")[0] for b in ds.unreadable()] == [str(tmp_path / "a" / "bad.png")]
+    with pytest.raises(ValueError, match="bad.png: cannot read this image"):
+        ds.batch(range(2))

@@ -160,6 +160,16 @@ def test_train_demo_refuses_a_folder_run_it_cannot_do_in_one_line(tmp_path, caps
     (tmp_path / "empty").mkdir()
     assert "no class sub-folders" in refused("--data", str(tmp_path / "empty"), "--out-dir", "o")
     assert "multiple of 16" in refused("--data", str(data), "--out-dir", "o", "--image-size", "40")
+    # A file that is not a readable image is named before any training (not hours in).
+    (data / "bar" / "notes.png").write_text("not an image")
+    (data / "disc" / "cut.png").write_bytes((data / "disc" / "0.png").read_bytes()[:60])
+    err = refused("--data", str(data), "--out-dir", str(tmp_path / "o"))
+    assert "2 file(s) of" in err and "notes.png" in err and "cut.png" in err, err
+    for stage in ("train-teacher", "train-tokenizer"):
+        assert main([stage, "--quiet", "--data", str(data), "--out", str(tmp_path / "s")]) == 2
+        assert "notes.png" in capsys.readouterr().err
+    (data / "bar" / "notes.png").unlink()
+    (data / "disc" / "cut.png").unlink()
     # A work directory is tied to its data: resuming it on other images is refused.
     work.mkdir()
     (work / "trained_on.json").write_text(json.dumps({"data": "shapes", "image_size": 32}))

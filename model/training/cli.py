@@ -236,9 +236,27 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _check_data(data: str) -> None:
+    """A folder is refused in one line, before any training: missing, without class
+    sub-folders or images, or holding a file that is not a readable image."""
+    from .data import ImageFolderSet
 
-    if data != "shapes" and not Path(data).is_dir():
-        raise UsageError(f'--data must be "shapes" or a folder of class sub-folders, got {data!r}')
+    if data == "shapes":
+        return
+    if not Path(data).is_dir():
+        raise UsageError(
+            f'{data}: not a directory (--data is "shapes" or a folder of class sub-folders)'
+        )
+    try:
+        bad = ImageFolderSet(data).unreadable()
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise UsageError(
+            f"{len(bad)} file(s) of {data} are not readable images; remove or fix them: "
+            + "; ".join(bad[:3])
+            + more
+        )
 
 
 def _train_teacher(args) -> int:
@@ -359,7 +377,6 @@ def _train_generator(args) -> int:
 
 def _train_demo(args) -> int:
     from .. import demo
-    from .data import ImageFolderSet
     from .recipe import IMAGE_SIZE, WALL_CLOCK, TrainingData, claim_work_dir, train_demo
 
     set_threads(args.threads)
@@ -367,16 +384,12 @@ def _train_demo(args) -> int:
     image_size = args.image_size or IMAGE_SIZE
     if image_size < 32 or image_size % 16:
         raise UsageError(f"--image-size must be a multiple of 16, at least 32 (got {image_size})")
-    if args.data != "shapes":
-        if not args.out_dir:
-            raise UsageError(
-                "--data FOLDER trains models on your images: give --out-dir (the bundled demo"
-                " models are not replaced)"
-            )
-        try:  # a missing folder, no class sub-folders or no images: one line, before any stage
-            ImageFolderSet(args.data, image_size)
-        except ValueError as e:
-            raise UsageError(str(e)) from e
+    if args.data != "shapes" and not args.out_dir:
+        raise UsageError(
+            "--data FOLDER trains models on your images: give --out-dir (the bundled demo"
+            " models are not replaced)"
+        )
+    _check_data(args.data)
     out_dir = Path(args.out_dir) if args.out_dir else demo.DEMO_WEIGHTS_DIR
     on = TrainingData(args.data, image_size)
     try:  # a work directory that holds a run on other data is refused here, in one line
