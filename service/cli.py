@@ -2,7 +2,8 @@
 
 - ``service.cli_model``: tokenize, reconstruct, generate (run the models directly);
 - ``service.cli_serve``: serve, worker;
-- ``model.training.cli``: train-tokenizer, train-generator and the demo-weight tools.
+- ``model.training.cli``: train-teacher, train-tokenizer, train-generator, train-demo, and
+  through it ``model.training.evaluate_cli``: evaluate-demo.
 
 A user error (bad path, unreadable image, bad argument) prints one line and exits with 2.
 """

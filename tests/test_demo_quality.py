@@ -18,7 +18,6 @@ import torch
 import model
 from model import demo
 from model.training.classifier import load_judge
-from model.training.cli import settings_for
 from model.training.evaluate import (
     DEMO_BARS,
     GenerationSettings,
@@ -28,6 +27,7 @@ from model.training.evaluate import (
     reconstruction_psnr,
     reconstruction_quality,
 )
+from model.training.evaluate_cli import settings_for
 
 # Issue #14's bars, as `softvq evaluate-demo` reads them (issue #4 asked 28 / 26 dB at 64 px;
 # the demo models are 32 px since #14).

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from model.sampling import DEFAULT_SETTINGS, sampling_settings
-from model.training.cli import settings_for
+from model.training.evaluate_cli import settings_for
 from model.training.recipe import set_sampling
 from service.app import create_app
 from service.registry import ModelRegistry, RegistryError
