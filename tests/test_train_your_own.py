@@ -32,8 +32,8 @@ CLASSES = ("bar", "cross", "disc")  # sorted: class ids follow the sub-folders' 
 
 
 def image_folder(root: Path, per_class: int = 20) -> Path:
-    # 20 a class: the 10th and 20th are held out, two a class to measure diversity on
-    """Class sub-folders of small drawn shapes, 48 x 40 (not square: resized and cropped)."""
+    """Class sub-folders of small drawn shapes, 48 x 40 (not square: resized and cropped).
+    20 a class: the 10th and 20th are held out, two a class to measure diversity on."""
     rng = random.Random(0)
     for name in CLASSES:
         (root / name).mkdir(parents=True)
