@@ -23,7 +23,7 @@ import torch
 from ..images import make_grid, psnr, to_pil
 from ..pipeline import generate
 from ..sampling import sample
-from .data import HELD_OUT_SEED, ProceduralShapes, held_out_set
+from .data import HELD_OUT_SEED, ProceduralShapes
 from .shape_fit import outline_iou
 
 
@@ -234,19 +234,18 @@ def evaluate_pair(
     per_class: int = 20,
     settings: GenerationSettings | None = None,
     seed: int = 0,
-    data: str = "shapes",
+    real=None,
 ) -> dict:
     """All numbers for one tokenizer / generator pair (and the generated images), on
-    held-out images of ``data`` (the built-in set, or a folder's held-out split)."""
+    held-out images: the built-in set's, or ``real`` (``data.held_out_set``)."""
     settings = settings or GenerationSettings()
-    real = None if data == "shapes" else held_out_set(data, tok.image_size, psnr_images)
     p, recon_acc = reconstruction_quality(tok, judge, psnr_images, real=real)
     images, labels = generate_per_class(tok, gen, per_class, settings, seed=seed)
     pred = judge.predict(images)
     per_class_acc = [float((pred[labels == c] == c).float().mean()) for c in range(gen.num_classes)]
     div = diversity(images, labels, real=real)
     if not div:
-        raise ValueError(f"{data}: no class has two held-out images to measure diversity on")
+        raise ValueError("no class has two held-out images to measure diversity on")
     return {
         "psnr_mean": statistics.mean(p),
         "psnr_min": min(p),

@@ -149,6 +149,7 @@ def _evaluate_demo(args) -> int:
         raise UsageError("--outlines fits the built-in set's shapes: not for a folder's models")
     judge = load_judge(root / demo.JUDGE_CLASSIFIER)
     results, grids = {}, []
+    real_sets = {}  # a folder's held-out images, opened (and decoded) once per image size
     if not built_in:
         ceiling = _training_json(root / demo.JUDGE_CLASSIFIER).get("held_out_accuracy")
         print(
@@ -161,7 +162,10 @@ def _evaluate_demo(args) -> int:
         t0 = time.time()
         tok, gen = load_tokenizer(root / tok_name), load_generator(root / gen_name)
         settings = settings_for(root / gen_name, args)
-        r = evaluate_pair(tok, gen, judge, args.psnr_images, args.per_class, settings, data=data)
+        if not built_in and tok.image_size not in real_sets:
+            real_sets[tok.image_size] = held_out_set(data, tok.image_size, 0)
+        real = real_sets.get(tok.image_size)
+        r = evaluate_pair(tok, gen, judge, args.psnr_images, args.per_class, settings, real=real)
         images, labels = r.pop("_images"), r.pop("_labels")
         grids.append(images)
         r["seconds"] = round(time.time() - t0, 1)
@@ -189,7 +193,6 @@ def _evaluate_demo(args) -> int:
             fast = GenerationSettings(
                 steps=settings.steps, sampler="euler", cfg_scale=settings.cfg_scale
             )
-            real = None if built_in else held_out_set(data, tok.image_size, 200)
             acc = accuracy_from_noised_latents(tok, gen, judge, settings=fast, real=real)
             r["accuracy_from_noised_latents"] = acc
             print(
