@@ -1,7 +1,8 @@
 """Image <-> tensor conversion shared by the CLI, the service and training.
 
-Any PIL-readable image becomes RGB (grayscale, RGBA, palette and 16-bit modes converted), is
-resized so its shorter side equals the model's size (bicubic) and centre-cropped to a square.
+Any PIL-readable image is turned upright by its EXIF orientation (as browsers and photo viewers
+show it), becomes RGB (grayscale, RGBA, palette and 16-bit modes converted), is resized so its
+shorter side equals the model's size (bicubic) and centre-cropped to a square.
 Pixels map to [-1, 1]. Output images are clamped to [-1, 1] before quantising to 8 bits.
 """
 
@@ -11,7 +12,17 @@ import io
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """Turn an image by its EXIF orientation tag. Phones and cameras store a photo as the
+    sensor read it and tag how to turn it; browsers and viewers obey the tag, so without this
+    a portrait photo reaches the model lying on its side (and a portrait's centre crop is
+    another part of the picture than the one the person sees)."""
+    if img.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+        return img  # the usual case: no copy
+    return ImageOps.exif_transpose(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -42,10 +53,14 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img
 
 
+def square_rgb(img: Image.Image, size: int) -> Image.Image:
+    """Any PIL image -> the upright, RGB, ``size`` x ``size`` image the models read."""
+    return resize_center_crop(to_rgb(upright(img)), size)
+
+
 def pil_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """PIL image -> (3, size, size) float32 in [-1, 1]."""
-    img = resize_center_crop(to_rgb(img), size)
-    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    arr = np.asarray(square_rgb(img, size), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from model.images import make_grid, png_bytes, resize_center_crop, to_rgb
+from model.images import make_grid, png_bytes, square_rgb
 
 from .errors import ApiError
 
@@ -58,8 +58,8 @@ def b64decode(text: str, what: str, max_bytes: int) -> bytes:
 
 
 def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int, what: str = "image"):
-    """Encoded PNG / JPEG / WebP bytes -> (3, size, size) uint8 pixels (numpy): RGB, resized
-    and centre-cropped as model.images.pil_to_tensor does; the executor maps them to [-1, 1]
+    """Encoded PNG / JPEG / WebP bytes -> (3, size, size) uint8 pixels (numpy): upright, RGB,
+    resized and centre-cropped as model.images.pil_to_tensor does; the executor maps them to [-1, 1]
     (service/tasks.py), so a job carries a quarter of float32's bytes."""
     if len(data) > max_bytes:
         raise ApiError(413, "image_too_large", f"{what}: {len(data)} bytes, limit {max_bytes}")
@@ -96,7 +96,7 @@ def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int, what: 
 
 def pixels(img: Image.Image, size: int) -> np.ndarray:
     """PIL image -> (3, size, size) uint8, C-contiguous."""
-    arr = np.asarray(resize_center_crop(to_rgb(img), size), dtype=np.uint8)
+    arr = np.asarray(square_rgb(img, size), dtype=np.uint8)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 

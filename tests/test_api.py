@@ -125,6 +125,24 @@ def test_tokenize_equals_direct_model_call(client, tok):
     assert (np.asarray(body["indices"]) == want_idx.numpy()).mean() > 0.95  # ties may flip
 
 
+def test_a_phone_photo_is_tokenized_as_it_is_shown(client):
+    """A JPEG from a phone held upright is stored sideways with an EXIF orientation tag (6);
+    the service reads it as browsers show it: the same tokens as the upright image."""
+    stored = np.random.default_rng(9).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged, upright, sideways = io.BytesIO(), io.BytesIO(), io.BytesIO()
+    Image.fromarray(stored).save(tagged, "PNG", exif=exif)
+    Image.fromarray(np.ascontiguousarray(np.rot90(stored, -1))).save(upright, "PNG")
+    Image.fromarray(stored).save(sideways, "PNG")  # the stored pixels, no tag
+    blobs = [b64(b.getvalue()) for b in (tagged, upright, sideways)]
+    r = client.post("/tokenize", json={"images": blobs})
+    assert r.status_code == 200, r.text
+    tokens = np.asarray(r.json()["tokens"], dtype=np.float32)
+    np.testing.assert_array_equal(tokens[0], tokens[1])
+    assert not np.array_equal(tokens[0], tokens[2])
+
+
 def test_tokenize_base64_format_and_multipart(client, tok):
     blobs = [png(5), png(6)]
     as_list = client.post("/tokenize", json={"images": [b64(b) for b in blobs]}).json()

@@ -92,6 +92,31 @@ def test_image_folder_set(tmp_path):
     assert x[0, 0].mean() > 0.5 and x[5, 2].mean() > 0.5  # red cats, blue dogs
 
 
+def test_what_a_notebook_or_a_mac_leaves_in_a_folder_is_not_data(tmp_path):
+    """Hidden entries (".ipynb_checkpoints", macOS's "._x.png" resource forks) and the
+    "__MACOSX" folder of an unpacked archive are neither classes nor images."""
+    for name in ("cats", "dogs", ".ipynb_checkpoints", "__MACOSX/cats"):
+        (tmp_path / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
+    (tmp_path / "cats" / "._0.png").write_bytes(b"\x00\x05\x16\x07 a resource fork")
+    (tmp_path / "dogs" / ".thumbs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "dogs" / ".thumbs" / "0.png")
+    ds = ImageFolderSet(tmp_path, 8)
+    assert ds.classes == ("cats", "dogs")
+    assert [p.relative_to(tmp_path).as_posix() for p, _ in ds.files] == ["cats/0.png", "dogs/0.png"]
+    assert ds.unreadable() == []
+
+
+def test_a_class_folder_without_images_is_refused(tmp_path):
+    """It would be a label the generator never learns: named, not trained on."""
+    for name in ("cats", "dogs", "birds"):
+        (tmp_path / name).mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cats" / "0.png")
+    (tmp_path / "dogs" / "readme.txt").write_text("no images yet")
+    with pytest.raises(ValueError, match="without images: birds, dogs"):
+        ImageFolderSet(tmp_path, 8)
+
+
 def test_image_folder_without_classes_is_an_error(tmp_path):
     try:
         ImageFolderSet(tmp_path)

@@ -44,6 +44,32 @@ def test_values():
     assert torch.allclose(sixteen, torch.ones_like(sixteen))
 
 
+# A photo as the sensor stored it, and what its EXIF orientation tag tells a viewer to show.
+SHOWN = {
+    1: lambda a: a,
+    2: np.fliplr,  # mirrored
+    3: lambda a: np.rot90(a, 2),
+    6: lambda a: np.rot90(a, -1),  # turned a quarter clockwise: a phone held upright
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(SHOWN))
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_exif_orientation_is_obeyed(orientation, fmt):
+    stored = np.random.default_rng(orientation).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, fmt, exif=exif, lossless=True)
+    shown = np.ascontiguousarray(SHOWN[orientation](stored))
+    got = load_image(buf.getvalue(), 16)
+    want = load_image(encode(Image.fromarray(shown)), 16)  # the same pixels, untagged
+    assert torch.equal(got, want)
+    if orientation != 1:  # the tag mattered: read as stored, the image is another one
+        assert not torch.equal(got, load_image(encode(Image.fromarray(stored)), 16))
+
+
 def test_resize_shorter_side_then_centre_crop():
     arr = np.zeros((100, 300, 3), dtype=np.uint8)
     arr[:, 100:200] = 255  # a white band in the middle third

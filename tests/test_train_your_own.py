@@ -160,7 +160,12 @@ def test_train_demo_refuses_a_folder_run_it_cannot_do_in_one_line(tmp_path, caps
     (tmp_path / "empty").mkdir()
     assert "no class sub-folders" in refused("--data", str(tmp_path / "empty"), "--out-dir", "o")
     assert "multiple of 16" in refused("--data", str(data), "--out-dir", "o", "--image-size", "40")
-    # A file that is not a readable image is named before any training (not hours in).
+    (data / "new-class").mkdir()
+    assert "without images: new-class" in refused("--data", str(data), "--out-dir", "o")
+    (data / "new-class").rmdir()
+    # A file that is not a readable image is named before any training (not hours in); a
+    # Mac's hidden "._" resource fork is not an image of the folder and is passed over.
+    (data / "bar" / "._0.png").write_bytes(b"\x00\x05\x16\x07 a resource fork")
     (data / "bar" / "notes.png").write_text("not an image")
     (data / "disc" / "cut.png").write_bytes((data / "disc" / "0.png").read_bytes()[:60])
     err = refused("--data", str(data), "--out-dir", str(tmp_path / "o"))

@@ -48,6 +48,24 @@ def _held_out(index_in_class: int) -> bool:
     return index_in_class % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
 
 
+def _listed(path: Path) -> bool:
+    """Not a hidden entry (".ipynb_checkpoints", ".git", macOS's "._photo.jpg" resource forks)
+    nor the "__MACOSX" folder an archive made on a Mac unpacks: none of them is a class or an
+    image a person put there."""
+    return not path.name.startswith(".") and path.name != "__MACOSX"
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """The image files of one class folder (sub-folders included), in file-name order."""
+    return [
+        f
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
+        and f.suffix.lower() in IMAGE_EXTENSIONS
+        and all(_listed(Path(part)) for part in f.relative_to(folder).parts)
+    ]
+
+
 # Params per image, in this order (all in units of the image side, angles in radians).
 _P = (
     "cx",
@@ -250,17 +268,21 @@ class ImageFolderSet(Dataset):
             raise ValueError(f"split {split!r}: one of {', '.join(SPLITS)}")
         if not root.is_dir():
             raise ValueError(f"{root}: not a directory")
-        self.classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
+        self.classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir() and _listed(d)))
         if not self.classes:
             raise ValueError(f"{root}: no class sub-folders")
+        images = {name: _class_images(root / name) for name in self.classes}
+        empty = [name for name, files in images.items() if not files]
+        if empty and len(empty) < len(self.classes):
+            # A class without images would be a label the generator never learns.
+            raise ValueError(
+                f"{root}: class folder(s) without images: {', '.join(empty)}"
+                f" (add images, or move the folder out)"
+            )
         per_class = [
             [
                 (f, cid)
-                for i, f in enumerate(
-                    f
-                    for f in sorted((root / name).rglob("*"))
-                    if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                )
+                for i, f in enumerate(images[name])
                 if split == "all" or (split == "held_out") == _held_out(i)
             ]
             for cid, name in enumerate(self.classes)
