@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from model.images import make_grid, png_bytes, square_rgb
+from model.images import decode_for, make_grid, png_bytes, square_rgb
 
 from .errors import ApiError
 
@@ -58,9 +58,10 @@ def b64decode(text: str, what: str, max_bytes: int) -> bytes:
 
 
 def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int, what: str = "image"):
-    """Encoded PNG / JPEG / WebP bytes -> (3, size, size) uint8 pixels (numpy): upright, RGB,
-    resized and centre-cropped as model.images.pil_to_tensor does; the executor maps them to [-1, 1]
-    (service/tasks.py), so a job carries a quarter of float32's bytes."""
+    """Encoded PNG / JPEG / WebP bytes -> (3, size, size) uint8 pixels (numpy): a JPEG scaled
+    by its decoder, then upright, RGB, resized and centre-cropped as model.images.load_image
+    does; the executor maps them to [-1, 1] (service/tasks.py), so a job carries a quarter of
+    float32's bytes."""
     if len(data) > max_bytes:
         raise ApiError(413, "image_too_large", f"{what}: {len(data)} bytes, limit {max_bytes}")
     if not data:
@@ -75,8 +76,8 @@ def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int, what: 
                 )
             if w < 1 or h < 1:
                 raise ApiError(400, "invalid_image", f"{what}: {w}x{h} pixels")
-            img.load()  # raises on truncated or corrupt data
-            return pixels(img, size)
+            picture = decode_for(img, size)  # raises on truncated or corrupt data
+            return pixels(img, size, picture)
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -94,9 +95,9 @@ def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int, what: 
         ) from None
 
 
-def pixels(img: Image.Image, size: int) -> np.ndarray:
-    """PIL image -> (3, size, size) uint8, C-contiguous."""
-    arr = np.asarray(square_rgb(img, size), dtype=np.uint8)
+def pixels(img: Image.Image, size: int, picture=None) -> np.ndarray:
+    """PIL image -> (3, size, size) uint8, C-contiguous (``picture``: see decode_for)."""
+    arr = np.asarray(square_rgb(img, size, picture), dtype=np.uint8)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from loadtests import bench
+from loadtests import bench, decode_photos
 
 
 def test_bench_tiny_preset_writes_all_results(tmp_path, capsys):
@@ -51,3 +51,13 @@ def test_bench_bfloat16_paths_run_on_the_cpu(tmp_path):
     assert all(v > 0 for v in r["generation"]["images_per_s"].values())
     assert set(r["backends"]["decode"]) == {"eager"} and "onnx" in r["backends"]["errors"]
     assert r["service_efficiency"] > 0 and r["batching_gain"] > 0
+
+
+def test_decode_photos_times_both_ways_and_reads_them_close(tmp_path):
+    out = tmp_path / "decode.json"
+    decode_photos.main(["--reps", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert len(rows) == len(decode_photos.PHOTOS) * len(decode_photos.SIZES)
+    assert all(r["whole_ms"] > 0 and r["scaled_ms"] > 0 for r in rows)
+    # The scaled decode reads the picture decoded whole (quality, not speed, is checked here).
+    assert min(r["psnr_db"] for r in rows) > 45

@@ -7,7 +7,16 @@ import pytest
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from model.images import load_image, make_grid, png_bytes, psnr, resize_center_crop, to_pil
+from model.images import (
+    decode_for,
+    load_image,
+    make_grid,
+    pil_to_tensor,
+    png_bytes,
+    psnr,
+    resize_center_crop,
+    to_pil,
+)
 
 
 def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -68,6 +77,28 @@ def test_exif_orientation_is_obeyed(orientation, fmt):
     assert torch.equal(got, want)
     if orientation != 1:  # the tag mattered: read as stored, the image is another one
         assert not torch.equal(got, load_image(encode(Image.fromarray(stored)), 16))
+
+
+@pytest.mark.parametrize("size", [32, 64, 256])
+def test_a_large_jpeg_is_scaled_by_its_decoder_and_reads_as_if_decoded_whole(size):
+    """A 3.8-megapixel phone photo (odd sides, stored sideways): the decoder scales it down
+    in the DCT, and the model still reads the picture decoded whole, to within 40 dB."""
+    smooth = np.random.default_rng(size).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(smooth).resize((2403, 1601), Image.BICUBIC).save(buf, "JPEG", exif=exif)
+    with Image.open(io.BytesIO(buf.getvalue())) as img:
+        picture = decode_for(img, size)
+        assert picture is not None and img.size[0] < 2403  # the scaled path was taken
+    with Image.open(io.BytesIO(buf.getvalue())) as img:
+        img.load()  # decoded whole
+        whole = pil_to_tensor(img, size)
+    got = load_image(buf.getvalue(), size)
+    assert psnr(got[None], whole[None])[0] > 40
+    # Stored sideways, shown upright: the left of the stored picture is the top of the shown one.
+    left = pil_to_tensor(Image.fromarray(smooth).resize((2403, 1601), Image.BICUBIC), size)
+    assert psnr(got[None], left.transpose(1, 2).flip(2)[None])[0] > 30
 
 
 def test_resize_shorter_side_then_centre_crop():

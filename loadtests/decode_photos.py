@@ -1,0 +1,97 @@
+"""Decoding photos for a model: a JPEG scaled down by its decoder against one decoded whole.
+
+    python -m loadtests.decode_photos [--reps 9] [--json out.json]
+
+The service's image path (service.codec.decode_image -> model.images.decode_for) asks the JPEG
+decoder to scale down in the DCT (1/2, 1/4, 1/8) while both sides keep twice the model's size,
+then resamples the centre square. This times that path against decoding the same bytes whole
+(then the same crop and resize), side by side in one process (round-robin, median of
+``--reps``), for phone-sized JPEGs and the model sizes in use, and reads how far the two
+results are apart (PSNR of the 8-bit pixels). The photos are drawn: a smooth field with fine
+grain on top, quality 90 (these machines hold no camera photos).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import time
+from functools import partial
+
+import numpy as np
+from PIL import Image
+
+from model.images import square_rgb
+from service.codec import decode_image
+
+PHOTOS = {"12 MP (4032x3024)": (4032, 3024), "3 MP (2016x1512)": (2016, 1512)}
+SIZES = (32, 256, 512)
+LIMIT = 10**9  # no byte or pixel limit in the way of the timing
+
+
+def drawn_photo(width: int, height: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 64, width // 64, 3), dtype=np.uint8)
+    field = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), np.int16)
+    grain = rng.normal(0, 12, (height, width, 1))
+    pixels = np.clip(field + grain, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def decoded_whole(data: bytes, size: int) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return np.asarray(square_rgb(img, size), dtype=np.uint8).transpose(2, 0, 1)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--json", help="write the rows here too")
+    args = ap.parse_args(argv)
+    rows = []
+    for name, (w, h) in PHOTOS.items():
+        data = drawn_photo(w, h)
+        for size in SIZES:
+            ways = {
+                "whole": partial(decoded_whole, data, size),
+                "scaled": partial(decode_image, data, size, LIMIT, LIMIT),
+            }
+            times = {way: [] for way in ways}
+            for _ in range(args.reps):
+                for way, call in ways.items():
+                    t = time.perf_counter()
+                    call()
+                    times[way].append(time.perf_counter() - t)
+            whole_ms, scaled_ms = (1e3 * statistics.median(times[w]) for w in ways)
+            row = {
+                "photo": name,
+                "jpeg_bytes": len(data),
+                "model_size": size,
+                "whole_ms": round(whole_ms, 1),
+                "scaled_ms": round(scaled_ms, 1),
+                "speedup": round(whole_ms / scaled_ms, 2),
+                "psnr_db": round(psnr(ways["whole"](), ways["scaled"]()), 1),
+            }
+            rows.append(row)
+            print(
+                f"{name:18s} {size:4d} px: whole {whole_ms:6.1f} ms, scaled {scaled_ms:6.1f} ms,"
+                f" x{row['speedup']:.2f}, apart {row['psnr_db']:.1f} dB",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
