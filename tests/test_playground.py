@@ -389,6 +389,36 @@ def test_upload_shows_the_crop_reconstructions_psnr_tokens_and_bytes(page, serve
 
 
 @needs_chromium
+def test_a_phone_photo_is_shown_and_reconstructed_upright(page, server, tmp_path):
+    """Stored sideways (red left, blue right) with EXIF orientation 6, as a phone stores a
+    portrait: the page's crop and the service's reconstruction both have red on top."""
+    stored = np.zeros((32, 48, 3), dtype=np.uint8)
+    stored[:, :24] = (230, 20, 20)
+    stored[:, 24:] = (20, 20, 230)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo = tmp_path / "portrait.png"
+    Image.fromarray(stored).save(photo, exif=exif)
+    page.el("#rec-file").send_keys(str(photo))
+    page.wait("document.querySelectorAll('#rec-cards .psnr').length === 2")
+    original = page.el("#rec-cards article[aria-label='Original']")
+    assert "32 × 48 resized" in original.text  # upright: taller than wide
+    top, bottom = page.js(
+        "const g = document.querySelector('#rec-cards .original canvas').getContext('2d');"
+        "return [Array.from(g.getImageData(16, 2, 1, 1).data),"
+        " Array.from(g.getImageData(16, 29, 1, 1).data)]"
+    )
+    assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0], (top, bottom)
+    upright = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.rot90(stored, -1))).save(upright, "PNG")
+    tokens = [
+        httpx.post(f"{server}/tokenize", files={"image": blob}, data={"model": "tiny"}).json()
+        for blob in (photo.read_bytes(), upright.getvalue())
+    ]
+    assert tokens[0]["tokens"] == tokens[1]["tokens"]
+
+
+@needs_chromium
 def test_a_file_that_is_no_image_gets_the_servers_message(page, tmp_path):
     bogus = tmp_path / "notes.png"
     bogus.write_bytes(b"these are not pixels")

@@ -676,20 +676,19 @@ async function sampleImage() {
   return new File([blob], "sample.png", { type: "image/png" });
 }
 
-// The service's preprocessing, redone in a canvas for display: the shorter side resized to
-// the model's size, then the centre cropped (model/images.py: resize_center_crop), on white.
+// The service's preprocessing, redone in a canvas for display: the picture upright (the
+// bitmap obeys EXIF orientation, as the service does), its shorter side resized to the model's
+// size and the centre square kept where it lies (model/images.py: resize_center_crop), on white.
 function cropCanvas(bitmap, size) {
   const { width: w, height: h } = bitmap;
   const scale = size / Math.min(w, h);
-  const nw = Math.max(size, Math.round(w * scale));
-  const nh = Math.max(size, Math.round(h * scale));
   const c = el("canvas", { width: size, height: size });
   const g = c.getContext("2d");
   g.fillStyle = "#fff";
   g.fillRect(0, 0, size, size);
   g.imageSmoothingEnabled = true;
   g.imageSmoothingQuality = "high";
-  g.drawImage(bitmap, -Math.floor((nw - size) / 2), -Math.floor((nh - size) / 2), nw, nh);
+  g.drawImage(bitmap, (size - w * scale) / 2, (size - h * scale) / 2, w * scale, h * scale);
   return c;
 }
 
@@ -711,7 +710,7 @@ async function reconstruct() {
 
   let bitmap = null;
   try {
-    bitmap = await createImageBitmap(file);
+    bitmap = await createImageBitmap(file, { imageOrientation: "from-image" });
   } catch {
     // The browser cannot read it: the service will say what is wrong with it.
   }
