@@ -11,8 +11,14 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pillow_heif
 import torch
 from PIL import ExifTags, Image
+
+# HEIC / HEIF (an iPhone's photos) opened by Pillow as any other format. libheif applies the
+# file's own rotation while decoding and reports EXIF orientation 1 afterwards; AVIF (Pillow's
+# own) reports its rotation as the EXIF orientation, which ``square_rgb`` obeys.
+pillow_heif.register_heif_opener()
 
 # EXIF orientation -> the transposition that shows the picture upright (browsers and viewers
 # obey this tag; phones store a portrait photo sideways and set it to 6).

@@ -9,7 +9,7 @@ Everything here refuses bad input with an ``ApiError`` (4xx) before any model wo
 - images: base64 (standard or URL-safe, optional ``data:`` prefix) or raw upload bytes, at
   most ``max_image_bytes``; the pixel count is read from the header and checked against
   ``max_image_pixels`` BEFORE a single pixel is decoded (a decompression bomb never expands);
-  truncated or non-image bytes are refused; only PNG, JPEG and WebP are opened.
+  truncated or non-image bytes are refused; only PNG, JPEG, WebP, AVIF and HEIC are opened.
 - tokens: a nested (B, L, D) list, or ``tokens_b64`` = little-endian bytes with ``shape`` and
   ``dtype``; the shape must be exactly (B, L, D) of the model and every value finite.
 
@@ -31,7 +31,7 @@ from model.images import decode_for, make_grid, png_bytes, square_rgb
 
 from .errors import ApiError
 
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "HEIF")  # HEIF: HEIC photos (model.images)
 TOKEN_DTYPES = {"float32": "<f4", "float16": "<f2", "float64": "<f8", "bfloat16": "<u2"}
 
 
@@ -58,10 +58,10 @@ def b64decode(text: str, what: str, max_bytes: int) -> bytes:
 
 
 def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int, what: str = "image"):
-    """Encoded PNG / JPEG / WebP bytes -> (3, size, size) uint8 pixels (numpy): a JPEG scaled
-    by its decoder, then upright, RGB, resized and centre-cropped as model.images.load_image
-    does; the executor maps them to [-1, 1] (service/tasks.py), so a job carries a quarter of
-    float32's bytes."""
+    """Encoded PNG / JPEG / WebP / AVIF / HEIC bytes -> (3, size, size) uint8 pixels (numpy):
+    a JPEG scaled by its decoder, then upright, RGB, resized and centre-cropped as
+    model.images.load_image does; the executor maps them to [-1, 1] (service/tasks.py), so a
+    job carries a quarter of float32's bytes."""
     if len(data) > max_bytes:
         raise ApiError(413, "image_too_large", f"{what}: {len(data)} bytes, limit {max_bytes}")
     if not data:
@@ -85,7 +85,9 @@ def decode_image(data: bytes, size: int, max_bytes: int, max_pixels: int, what: 
             422, "image_too_many_pixels", f"{what}: more than {max_pixels} pixels"
         ) from None
     except UnidentifiedImageError:
-        raise ApiError(400, "invalid_image", f"{what}: not a PNG, JPEG or WebP image") from None
+        raise ApiError(
+            400, "invalid_image", f"{what}: not a PNG, JPEG, WebP, AVIF or HEIC image"
+        ) from None
     except Exception as e:
         # Pillow's decoders report truncated / corrupt / hostile data through a zoo of
         # exception types (OSError, SyntaxError, ValueError, struct.error, ...): any failure

@@ -40,7 +40,10 @@ class TimeoutField(Strict):
 
 class TokenizeRequest(TimeoutField):
     images: list[str] = Field(
-        ..., min_length=1, max_length=MAX_LIST, description="base64 PNG / JPEG / WebP images"
+        ...,
+        min_length=1,
+        max_length=MAX_LIST,
+        description="base64 PNG / JPEG / WebP / AVIF / HEIC images",
     )
     model: str | None = Field(
         None, max_length=200, description="tokenizer name (default: server's)"

@@ -125,6 +125,15 @@ def test_tokenize_equals_direct_model_call(client, tok):
     assert (np.asarray(body["indices"]) == want_idx.numpy()).mean() > 0.95  # ties may flip
 
 
+def test_avif_and_heic_are_tokenized_as_the_cli_reads_them(client, tok):
+    blobs = [png(11, fmt="AVIF"), png(12, 48, 64, fmt="HEIF")]
+    r = client.post("/tokenize", json={"images": [b64(b) for b in blobs]})
+    assert r.status_code == 200, r.text
+    with torch.inference_mode():
+        want = tok.encode(torch.stack([load_image(b, 32) for b in blobs]))
+    np.testing.assert_allclose(np.asarray(r.json()["tokens"], np.float32), want.numpy(), atol=1e-5)
+
+
 def test_a_phone_photo_is_tokenized_as_it_is_shown(client):
     """A JPEG from a phone held upright is stored sideways with an EXIF orientation tag (6);
     the service reads it as browsers show it: the same tokens as the upright image."""

@@ -53,6 +53,14 @@ def noise_png(side: int) -> bytes:
 GOOD = b64(png(0))
 TOK8 = np.zeros((1, 8, 8)).tolist()
 TRUNCATED = png(1, 64, 64)[: len(png(1, 64, 64)) // 2]
+HEIC = png(1, 64, 64, fmt="HEIF")
+
+
+def flat(width: int, height: int, fmt: str) -> bytes:
+    """One colour, so a big picture encodes small (under the byte limit, over the pixel one)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (40, 90, 200)).save(buf, fmt)
+    return buf.getvalue()
 
 
 def _json(path, body):
@@ -80,6 +88,24 @@ CASES = [
     (
         "over pixel limit",
         _json("/tokenize", {"images": [b64(png_header_only(1100, 1000, "RGB"))]}),
+        422,
+        "image_too_many_pixels",
+    ),
+    (
+        "truncated heic",
+        _json("/tokenize", {"images": [b64(HEIC[: len(HEIC) // 2])]}),
+        400,
+        "invalid_image",
+    ),
+    (
+        "avif over pixel limit",
+        _json("/tokenize", {"images": [b64(flat(1100, 1000, "AVIF"))]}),
+        422,
+        "image_too_many_pixels",
+    ),
+    (
+        "heic over pixel limit",
+        _json("/reconstruct", {"images": [b64(flat(1100, 1000, "HEIF"))]}),
         422,
         "image_too_many_pixels",
     ),

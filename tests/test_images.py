@@ -44,6 +44,15 @@ def test_modes_become_rgb(img):
     assert x.min() >= -1 and x.max() <= 1
 
 
+@pytest.mark.parametrize("fmt", ["AVIF", "HEIF"])
+def test_a_phones_avif_and_heic_photos_are_read(fmt):
+    """HEIC is an iPhone camera's default; AVIF the web's. Lossy, so read within 30 dB."""
+    smooth = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    picture = Image.fromarray(smooth).resize((64, 48), Image.BICUBIC)
+    got = load_image(encode(picture, fmt), 32)
+    assert psnr(got[None], load_image(encode(picture), 32)[None])[0] > 30
+
+
 def test_values():
     x = load_image(encode(Image.new("RGB", (32, 32), (255, 0, 128))), 32)
     assert torch.allclose(x[:, 0, 0], torch.tensor([1.0, -1.0, 128 / 127.5 - 1]), atol=1e-6)

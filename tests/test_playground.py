@@ -419,6 +419,17 @@ def test_a_phone_photo_is_shown_and_reconstructed_upright(page, server, tmp_path
 
 
 @needs_chromium
+def test_an_iphone_heic_photo_is_reconstructed_though_chromium_cannot_draw_it(page, tmp_path):
+    photo = tmp_path / "IMG_0001.HEIC"
+    Image.open(png_file(tmp_path / "photo.png")).save(photo, "HEIF")
+    page.el("#rec-file").send_keys(str(photo))
+    page.wait("document.querySelectorAll('#rec-cards .psnr').length === 2")
+    assert "this browser cannot draw it" in page.text("#rec-summary")
+    assert page.els("#rec-cards article[aria-label='Original']") == []
+    assert page.text("#rec-error") == ""
+
+
+@needs_chromium
 def test_a_file_that_is_no_image_gets_the_servers_message(page, tmp_path):
     bogus = tmp_path / "notes.png"
     bogus.write_bytes(b"these are not pixels")

@@ -36,7 +36,7 @@ CLASSES: tuple[str, ...] = (
     "v-stripes",  # stripes across the whole image, near vertical
 )
 NUM_CLASSES = len(CLASSES)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = tuple(".png .jpg .jpeg .bmp .gif .webp .tif .tiff .avif .heic .heif".split())
 # A folder's held-out split: every tenth image of a class. The built-in set has no split: its
 # held-out images are drawn from seeds no model trains on.
 HELD_OUT_EVERY = 10

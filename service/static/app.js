@@ -724,7 +724,9 @@ async function reconstruct() {
   }
   $("rec-summary").textContent =
     `${file.name || "image"}: ${fmtBytes(file.size)}` +
-    (bitmap ? `, ${bitmap.width} × ${bitmap.height} px.` : ".");
+    (bitmap
+      ? `, ${bitmap.width} × ${bitmap.height} px.`
+      : " (this browser cannot draw it, HEIC for one; the service reads it).");
 
   const jobs = toks.map((tok) => {
     const card = el("article", { class: "card", "aria-label": `Tokenizer ${tok.name}` });
