@@ -1,8 +1,9 @@
 """Image <-> tensor conversion shared by the CLI, the service and training.
 
-Any PIL-readable image is turned upright by its EXIF orientation (as browsers and photo viewers
-show it), becomes RGB (grayscale, RGBA, palette and 16-bit modes converted), is resized so its
-shorter side equals the model's size (bicubic) and centre-cropped to a square.
+Any PIL-readable image (HEIC too) is turned upright by its EXIF orientation (as browsers and
+photo viewers show it), becomes RGB (grayscale, RGBA, palette and 16-bit modes converted), is
+resized so its shorter side equals the model's size (bicubic) and centre-cropped to a square; a
+large JPEG is scaled down by its decoder first (``decode_for``).
 Pixels map to [-1, 1]. Output images are clamped to [-1, 1] before quantising to 8 bits.
 """
 
@@ -87,8 +88,8 @@ def decode_for(img: Image.Image, size: int) -> Box | None:
     that is the picture when the decoder scaled it (else None), for ``square_rgb``.
 
     A JPEG is scaled down by its decoder (1/2, 1/4 or 1/8, in the DCT) as long as both sides
-    keep twice ``size``; the antialiased resize does the rest. A 12-megapixel phone photo
-    decodes about 4x faster for a 32 or 256 px model (BENCHMARKS.md)."""
+    keep twice ``size``; the antialiased resize does the rest. A 12-megapixel photo decodes
+    2-6x faster for a 32 or 256 px model, 50+ dB from decoding it whole (BENCHMARKS.md)."""
     picture = None
     if img.format == "JPEG":
         drafted = img.draft(img.mode, (2 * size, 2 * size))
