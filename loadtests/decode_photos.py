@@ -1,6 +1,7 @@
 """Decoding photos for a model: a JPEG scaled down by its decoder against one decoded whole.
 
     python -m loadtests.decode_photos [--reps 9] [--json out.json]
+    python -m loadtests.decode_photos --url http://127.0.0.1:8001 --url http://127.0.0.1:8002
 
 The service's image path (service.codec.decode_image -> model.images.decode_for) asks the JPEG
 decoder to scale down in the DCT (1/2, 1/4, 1/8) while both sides keep twice the model's size,
@@ -9,6 +10,11 @@ then resamples the centre square. This times that path against decoding the same
 ``--reps``), for phone-sized JPEGs and the model sizes in use, and reads how far the two
 results are apart (PSNR of the 8-bit pixels). The photos are drawn: a smooth field with fine
 grain on top, quality 90 (these machines hold no camera photos).
+
+With ``--url`` (repeatable) it times instead the whole request a person makes with such a
+photo, ``POST /reconstruct`` (multipart upload, the server's default tokenizer), against each
+running server in turn, one request at a time (round-robin, median of ``--reps``): two
+deployments of two versions side by side.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import statistics
 import time
 from functools import partial
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -53,11 +60,37 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+def time_requests(urls: list[str], reps: int) -> list[dict]:
+    rows = []
+    with httpx.Client(timeout=120) as client:
+        for name, (w, h) in PHOTOS.items():
+            data = drawn_photo(w, h)
+            times = {url: [] for url in urls}
+            for _ in range(reps):
+                for url in urls:
+                    t = time.perf_counter()
+                    r = client.post(f"{url}/reconstruct", files={"image": ("photo.jpg", data)})
+                    times[url].append(time.perf_counter() - t)
+                    r.raise_for_status()
+            for url in urls:
+                ms = 1e3 * statistics.median(times[url])
+                rows.append({"photo": name, "url": url, "reconstruct_ms": round(ms, 1)})
+                print(f"{name:18s} {url}: POST /reconstruct {ms:7.1f} ms", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--url", action="append", help="a running server (repeatable)")
     ap.add_argument("--json", help="write the rows here too")
     args = ap.parse_args(argv)
+    if args.url:
+        rows = time_requests(args.url, args.reps)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = []
     for name, (w, h) in PHOTOS.items():
         data = drawn_photo(w, h)
