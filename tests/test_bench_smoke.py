@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from loadtests import bench, decode_photos
+from tests.test_serve_uvicorn import serve_process
 
 
 def test_bench_tiny_preset_writes_all_results(tmp_path, capsys):
@@ -61,3 +62,18 @@ def test_decode_photos_times_both_ways_and_reads_them_close(tmp_path):
     assert all(r["whole_ms"] > 0 and r["scaled_ms"] > 0 for r in rows)
     # The scaled decode reads the picture decoded whole (quality, not speed, is checked here).
     assert min(r["psnr_db"] for r in rows) > 45
+
+
+def test_decode_photos_times_the_whole_request_against_running_servers(api_env, tmp_path):
+    out = tmp_path / "http.json"
+    env = {  # the tests' limits are smaller than a phone photo (tests/conftest.py)
+        **api_env,
+        "SOFTVQ_MAX_IMAGE_BYTES": str(16 * 2**20),
+        "SOFTVQ_MAX_BODY_BYTES": str(32 * 2**20),
+        "SOFTVQ_MAX_IMAGE_PIXELS": "16000000",
+    }
+    with serve_process(env, tmp_path) as (base, _):
+        decode_photos.main(["--url", base, "--url", base, "--reps", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * len(decode_photos.PHOTOS)
+    assert all(r["url"] == base and r["reconstruct_ms"] > 0 for r in rows)
