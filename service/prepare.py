@@ -13,7 +13,9 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
+import anyio.to_thread
 import numpy as np
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -143,9 +145,10 @@ async def prepare_image_task(
     """tokenize / reconstruct: decode the images for the chosen tokenizer."""
     tok = svc.tokenizer(req.model, request)
     s = svc.settings
-    images = await run_in_threadpool(
+    decode = partial(
         codec.decode_images, blobs, tok.image_size, s.max_image_bytes, s.max_image_pixels
     )
+    images = await anyio.to_thread.run_sync(decode, limiter=svc.decode_slots())
     job = Job(
         tok.name,
         task,

@@ -231,7 +231,18 @@ class Settings(BaseSettings):
     # --- limits -------------------------------------------------------------------------
     max_body_bytes: int = Field(32 * 1024 * 1024, description="largest request body (413 past it)")
     max_image_bytes: int = Field(16 * 1024 * 1024, description="largest single encoded image")
-    max_image_pixels: int = Field(16_000_000, description="largest decoded image (width x height)")
+    max_image_pixels: int = Field(
+        25_000_000,
+        description="largest decoded image (width x height): a 24 MP phone photo fits",
+    )
+    max_concurrent_decodes: int = Field(
+        2,
+        ge=1,
+        description=(
+            "images the API decodes at once (others wait): a 24 MP PNG with alpha holds"
+            " ~470 MB while it decodes, so this bounds the API's memory"
+        ),
+    )
     max_images_per_request: int = Field(32, ge=1, description="images or tokens per request")
     max_steps: int = Field(250, ge=1, description="largest 'steps' of /generate")
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import base64
 import io
 import struct
+import threading
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from prometheus_client import REGISTRY
 
+from service import codec
 from service.app import create_app
 from tests.test_api import b64, png, wait_ready
 
@@ -547,3 +551,39 @@ def test_fuzzed_image_bytes_never_5xx(client):
 
     check()
     assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_a_burst_of_uploads_decodes_a_bounded_number_at_a_time(
+    limit, api_settings_factory, monkeypatch
+):
+    """Each decode of a large upload holds hundreds of MB: a burst of eight requests decodes
+    ``max_concurrent_decodes`` at a time, the others wait, and every one is answered."""
+    inside, most, lock = 0, 0, threading.Lock()
+    decode = codec.decode_images
+
+    def watched(*args):  # the real decode, counted (and held long enough to overlap)
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        try:
+            time.sleep(0.2)
+            return decode(*args)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(codec, "decode_images", watched)
+    settings = api_settings_factory(max_concurrent_decodes=limit)
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(
+                pool.map(
+                    lambda i: c.post("/tokenize", json={"images": [b64(png(i))]}).status_code,
+                    range(8),
+                )
+            )
+    assert codes == [200] * 8
+    assert most == limit if limit == 1 else 1 < most <= limit

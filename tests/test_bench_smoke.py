@@ -70,7 +70,7 @@ def test_decode_photos_times_the_whole_request_against_running_servers(api_env, 
         **api_env,
         "SOFTVQ_MAX_IMAGE_BYTES": str(16 * 2**20),
         "SOFTVQ_MAX_BODY_BYTES": str(32 * 2**20),
-        "SOFTVQ_MAX_IMAGE_PIXELS": "16000000",
+        "SOFTVQ_MAX_IMAGE_PIXELS": "25000000",
     }
     with serve_process(env, tmp_path) as (base, _):
         decode_photos.main(["--url", base, "--url", base, "--reps", "1", "--json", str(out)])
