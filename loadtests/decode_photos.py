@@ -2,6 +2,7 @@
 
     python -m loadtests.decode_photos [--reps 9] [--json out.json]
     python -m loadtests.decode_photos --url http://127.0.0.1:8001 --url http://127.0.0.1:8002
+    python -m loadtests.decode_photos --url http://127.0.0.1:8001 --burst 8
 
 The service's image path (service.codec.decode_image -> model.images.decode_for) asks the JPEG
 decoder to scale down in the DCT (1/2, 1/4, 1/8) while both sides keep twice the model's size,
@@ -14,7 +15,10 @@ grain on top, quality 90 (these machines hold no camera photos).
 With ``--url`` (repeatable) it times instead the whole request a person makes with such a
 photo, ``POST /reconstruct`` (multipart upload, the server's default tokenizer), against each
 running server in turn, one request at a time (round-robin, median of ``--reps``): two
-deployments of two versions side by side.
+deployments of two versions side by side. With ``--burst N`` as well, it sends N uploads of
+a drawn 16 MP WebP at once to each server (twice, alternating) and reads the server's
+resident memory off its /metrics every 20 ms meanwhile: the peak a burst of large uploads
+costs it (the size of a WebP says nothing of the pixels it decodes to).
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import argparse
 import io
 import json
 import statistics
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import httpx
@@ -80,14 +86,76 @@ def time_requests(urls: list[str], reps: int) -> list[dict]:
     return rows
 
 
+def drawn_webp(width: int = 4600, height: int = 3450) -> bytes:
+    rng = np.random.default_rng(1)
+    coarse = rng.integers(0, 256, (height // 64, width // 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(coarse).resize((width, height), Image.BICUBIC).save(buf, "WEBP")
+    return buf.getvalue()
+
+
+def resident_bytes(client: httpx.Client, url: str) -> float:
+    for line in client.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return float(line.split()[1])
+    raise SystemExit(f"{url}/metrics: no process_resident_memory_bytes")
+
+
+def burst_once(client: httpx.Client, url: str, data: bytes, n: int) -> dict:
+    """``n`` uploads of ``data`` at once; the server's resident memory sampled meanwhile."""
+    idle = resident_bytes(client, url)
+    samples, done = [idle], threading.Event()
+
+    def watch():
+        with httpx.Client(timeout=30) as own:
+            while not done.wait(0.02):
+                samples.append(resident_bytes(own, url))
+
+    def upload(_):
+        return client.post(f"{url}/tokenize", files={"image": ("p.webp", data)}).status_code
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    t = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        codes = list(pool.map(upload, range(n)))
+    seconds = time.perf_counter() - t
+    done.set()
+    watcher.join()
+    return {
+        "url": url,
+        "uploads": n,
+        "answered_200": codes.count(200),
+        "seconds": round(seconds, 2),
+        "idle_mb": round(idle / 2**20),
+        "peak_mb": round(max(samples) / 2**20),
+    }
+
+
+def burst(urls: list[str], n: int) -> list[dict]:
+    data, rows = drawn_webp(), []
+    with httpx.Client(timeout=300) as client:
+        for url in urls * 2:
+            row = burst_once(client, url, data, n)
+            rows.append(row)
+            print(
+                f"{url}: {n} x 16 MP WebP at once: {row['answered_200']} answered 200 in"
+                f" {row['seconds']:.1f} s, resident {row['idle_mb']} MB idle,"
+                f" {row['peak_mb']} MB peak",
+                flush=True,
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--url", action="append", help="a running server (repeatable)")
+    ap.add_argument("--burst", type=int, help="with --url: N large uploads at once")
     ap.add_argument("--json", help="write the rows here too")
     args = ap.parse_args(argv)
     if args.url:
-        rows = time_requests(args.url, args.reps)
+        rows = burst(args.url, args.burst) if args.burst else time_requests(args.url, args.reps)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

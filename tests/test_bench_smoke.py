@@ -74,6 +74,10 @@ def test_decode_photos_times_the_whole_request_against_running_servers(api_env, 
     }
     with serve_process(env, tmp_path) as (base, _):
         decode_photos.main(["--url", base, "--url", base, "--reps", "1", "--json", str(out)])
+        rows = json.loads(out.read_text())
+        assert len(rows) == 2 * len(decode_photos.PHOTOS)
+        assert all(r["url"] == base and r["reconstruct_ms"] > 0 for r in rows)
+        decode_photos.main(["--url", base, "--burst", "2", "--json", str(out)])
     rows = json.loads(out.read_text())
-    assert len(rows) == 2 * len(decode_photos.PHOTOS)
-    assert all(r["url"] == base and r["reconstruct_ms"] > 0 for r in rows)
+    assert len(rows) == 2 and all(r["answered_200"] == 2 for r in rows)
+    assert all(0 < r["idle_mb"] <= r["peak_mb"] for r in rows)
