@@ -1,12 +1,12 @@
-"""Decoding photos for a model: a JPEG scaled down by its decoder against one decoded whole.
+"""Photos through the service: what decoding them costs, per request and in a burst.
 
     python -m loadtests.decode_photos [--reps 9] [--json out.json]
     python -m loadtests.decode_photos --url http://127.0.0.1:8001 --url http://127.0.0.1:8002
     python -m loadtests.decode_photos --url http://127.0.0.1:8001 --burst 8
 
-The service's image path (service.codec.decode_image -> model.images.decode_for) asks the JPEG
-decoder to scale down in the DCT (1/2, 1/4, 1/8) while both sides keep twice the model's size,
-then resamples the centre square. This times that path against decoding the same bytes whole
+By default: the service's image path (service.codec.decode_image -> model.images.decode_for)
+asks the JPEG decoder to scale down in the DCT (1/2, 1/4, 1/8) while both sides keep twice the
+model's size, then resamples the centre square. This times that path against decoding the same bytes whole
 (then the same crop and resize), side by side in one process (round-robin, median of
 ``--reps``), for phone-sized JPEGs and the model sizes in use, and reads how far the two
 results are apart (PSNR of the 8-bit pixels). The photos are drawn: a smooth field with fine
