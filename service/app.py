@@ -78,20 +78,16 @@ class Service:
         self.cache = None  # service/result_cache.py, when caching is on
         self.jobs: AsyncJobs | None = None  # async jobs (POST /jobs)
         self._redis = None  # Redis mode: the client of the job store and the cache
-        self._decode_slots: anyio.CapacityLimiter | None = None
-
-    def decode_slots(self) -> anyio.CapacityLimiter:
-        """The threads that decode uploaded images, ``max_concurrent_decodes`` of them: a
-        burst of large uploads waits here instead of decoding all at once (each holds up to
-        a few hundred MB while it decodes; starlette's own pool would run 40)."""
-        if self._decode_slots is None:  # made on the event loop, at first use
-            self._decode_slots = anyio.CapacityLimiter(self.settings.max_concurrent_decodes)
-        return self._decode_slots
+        # The threads that decode uploaded images (made in start: on the event loop): a burst
+        # of large uploads waits for one instead of decoding all at once (each holds up to a
+        # few hundred MB while it decodes; starlette's own pool would run 40).
+        self.decode_slots: anyio.CapacityLimiter | None = None
 
     async def start(self) -> None:
         from .broker import make_broker
         from .registry import ModelRegistry
 
+        self.decode_slots = anyio.CapacityLimiter(self.settings.max_concurrent_decodes)
         if self.registry is None:
             # Redis mode: the API needs only the models' shapes (config.json), no weights.
             self.registry = await run_in_threadpool(

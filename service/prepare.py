@@ -148,7 +148,7 @@ async def prepare_image_task(
     decode = partial(
         codec.decode_images, blobs, tok.image_size, s.max_image_bytes, s.max_image_pixels
     )
-    images = await anyio.to_thread.run_sync(decode, limiter=svc.decode_slots())
+    images = await anyio.to_thread.run_sync(decode, limiter=svc.decode_slots)
     job = Job(
         tok.name,
         task,

@@ -48,11 +48,11 @@ def _held_out(index_in_class: int) -> bool:
     return index_in_class % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
 
 
-def _listed(path: Path) -> bool:
+def _listed(name: str) -> bool:
     """Not a hidden entry (".ipynb_checkpoints", ".git", macOS's "._photo.jpg" resource forks)
     nor the "__MACOSX" folder an archive made on a Mac unpacks: none of them is a class or an
     image a person put there."""
-    return not path.name.startswith(".") and path.name != "__MACOSX"
+    return not name.startswith(".") and name != "__MACOSX"
 
 
 def _class_images(folder: Path) -> list[Path]:
@@ -62,7 +62,7 @@ def _class_images(folder: Path) -> list[Path]:
         for f in sorted(folder.rglob("*"))
         if f.is_file()
         and f.suffix.lower() in IMAGE_EXTENSIONS
-        and all(_listed(Path(part)) for part in f.relative_to(folder).parts)
+        and all(_listed(part) for part in f.relative_to(folder).parts)
     ]
 
 
@@ -268,7 +268,9 @@ class ImageFolderSet(Dataset):
             raise ValueError(f"split {split!r}: one of {', '.join(SPLITS)}")
         if not root.is_dir():
             raise ValueError(f"{root}: not a directory")
-        self.classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir() and _listed(d)))
+        self.classes = tuple(
+            sorted(d.name for d in root.iterdir() if d.is_dir() and _listed(d.name))
+        )
         if not self.classes:
             raise ValueError(f"{root}: no class sub-folders")
         images = {name: _class_images(root / name) for name in self.classes}
